@@ -1,0 +1,396 @@
+"""The engine: requests in, one batched step at a time, text deltas out.
+
+It knows nothing of conversations: a request is a token sequence (or chat messages, tokenized
+here with the model's template) plus sampling parameters. Everything runs on the caller's thread;
+`localchat.driver.EngineDriver` runs it on a background thread for the UI and the CLI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from localchat import detokenizer
+from localchat.block_manager import BlockManager
+from localchat.model_runner import ModelRunner, num_blocks_for_budget
+from localchat.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from localchat.sampler import sample
+from localchat.sampling_params import SamplingParams
+from localchat.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from localchat.sequence import Sequence, SequenceStatus
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (empty, too long, ...); the engine stays usable."""
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_gb: float = 1.0
+    num_blocks: int | None = None  # overrides kv_cache_gb
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_cache: bool = True
+    max_model_len: int | None = None  # default: the model's context length
+    watermark: float = 0.01
+    seed: int | None = None  # for unseeded sampled requests
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if self.num_blocks is None and not self.kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+    beam: object | None = None  # localchat.beam_search.BeamSearch for beam requests
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
+        return bool(self.seqs) and all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        hf_config,
+        tokenizer,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        config: EngineConfig | None = None,
+        model_name: str = "",
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.model_name = model_name
+        self.hf_config = hf_config
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.device = torch.device(device)
+        num_blocks = self.config.num_blocks or num_blocks_for_budget(
+            hf_config, self.config.block_size, dtype, self.config.kv_cache_gb * 2**30
+        )
+        self.block_manager = BlockManager(
+            num_blocks,
+            self.config.block_size,
+            watermark=self.config.watermark,
+            enable_prefix_cache=self.config.enable_prefix_cache,
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+        )
+        self.runner = ModelRunner(model, hf_config, self.block_manager, dtype, self.device)
+        self.max_model_len = self.config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
+        self.eos_token_ids = set(eos_token_ids) if eos_token_ids else _eos_ids(hf_config, tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._generator = torch.Generator()
+        if self.config.seed is not None:
+            self._generator.manual_seed(self.config.seed)
+        self.steps = 0
+
+    @classmethod
+    def from_pretrained(cls, name: str | None = None, *, dtype=None, device: str | None = None, config: EngineConfig | None = None) -> "Engine":
+        from localchat.models import load_model
+
+        loaded = load_model(name, dtype=dtype, device=device)
+        return cls(
+            loaded.model,
+            loaded.config,
+            loaded.tokenizer,
+            dtype=loaded.dtype,
+            device=loaded.device,
+            config=config,
+            model_name=loaded.spec.name,
+            eos_token_ids=loaded.eos_token_ids,
+        )
+
+    # ------------------------------------------------------------------ requests
+    def tokenize_messages(self, messages: list[dict]) -> list[int]:
+        """The model's chat template with the assistant's turn opened."""
+        if not messages:
+            raise RequestError("messages must not be empty")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise RequestError(f"each message needs a role (system, user or assistant) and text content, got {m!r}")
+        if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+            raise RequestError("the prompt is empty: write a message first")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def make_request(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Validate and tokenize without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        given = [x is not None for x in (prompt, messages, prompt_token_ids)]
+        if sum(given) != 1:
+            raise RequestError("give exactly one of prompt, messages or prompt_token_ids")
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RequestError("the prompt is empty: write a message first")
+            ids = self.tokenize_messages([{"role": "user", "content": prompt}])
+        elif messages is not None:
+            ids = self.tokenize_messages(messages)
+        else:
+            ids = [int(t) for t in prompt_token_ids]  # type: ignore[union-attr]
+            if not ids:
+                raise RequestError("the prompt is empty: prompt_token_ids has no tokens")
+            vocab = int(self.hf_config.vocab_size)
+            if any(t < 0 or t >= vocab for t in ids):
+                raise RequestError(f"prompt_token_ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the model's context holds {self.max_model_len}: "
+                "shorten it or start a new conversation"
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) + 1 > capacity:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}: raise --kv-cache-gb"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        return Request(rid, ids, params, RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
+
+    def add(self, request: Request) -> str:
+        if request.request_id in self.requests:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        request.metrics.arrival_time = time.perf_counter()
+        if request.params.is_beam_search:
+            from localchat.beam_search import BeamSearch
+
+            request.beam = BeamSearch(self, request)
+            return request.request_id
+        seq = self._new_sequence(request, index=0)
+        self.scheduler.add(seq)
+        return request.request_id
+
+    def add_request(self, prompt: str | None = None, **kwargs) -> str:
+        return self.add(self.make_request(prompt, **kwargs))
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int] | None = None) -> Sequence:
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            params=request.params,
+            index=index,
+            token_ids=list(token_ids) if token_ids is not None else [],
+        )
+        if request.params.seed is not None:
+            # Sample i uses seed + i, so n=1 with a seed equals a plain request with that seed.
+            seq.generator = torch.Generator().manual_seed(request.params.seed + index)
+        request.seqs.append(seq)
+        return seq
+
+    def fork_sequence(self, parent: Sequence, request: Request, index: int) -> Sequence:
+        """A child that shares all of the parent's blocks and continues from its tokens."""
+        child = self._new_sequence(request, index, token_ids=parent.token_ids)
+        child.num_computed = parent.num_computed
+        child.logprobs = list(parent.logprobs)
+        child.cumulative_logprob = parent.cumulative_logprob
+        self.block_manager.fork(parent.seq_id, child.seq_id)
+        self.scheduler.add_running(child)
+        return child
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        request.aborted = True
+        if request.beam is not None:
+            request.beam.abort()
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "abort")
+        request.metrics.finished_time = time.perf_counter()
+        return self._report(request, final=True)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample, and report every request that changed."""
+        sched = self.scheduler.schedule()
+        touched: dict[str, Request] = {}
+        for seq in sched.finished:
+            touched[seq.request_id] = self.requests[seq.request_id]
+        if sched:
+            logits = self.runner.execute(sched.work, sched.copies)
+            self.scheduler.commit(sched)
+            self.steps += 1
+            self._sample(sched, logits, touched)
+        outputs = []
+        for request in touched.values():
+            if request.request_id not in self.requests:
+                continue
+            final = request.finished
+            if final:
+                request.metrics.finished_time = time.perf_counter()
+                del self.requests[request.request_id]
+            outputs.append(self._report(request, final))
+        return outputs
+
+    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor, touched: dict[str, Request]) -> None:
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
+        row = 0
+        for w in sched.work:
+            if not w.completes_sequence:
+                continue
+            seq = w.seq
+            request = self.requests[seq.request_id]
+            touched[request.request_id] = request
+            if request.beam is not None:
+                beam_rows.setdefault(request.request_id, []).append((seq, row))
+            else:
+                if request.params.n > 1 and not request.forked:
+                    request.forked = True
+                    for i in range(1, request.params.n):
+                        seqs.append(self.fork_sequence(seq, request, i))
+                        rows.append(row)
+                seqs.append(seq)
+                rows.append(row)
+            row += 1
+        for request_id, pairs in beam_rows.items():
+            self.requests[request_id].beam.step(pairs, logits)
+        if not seqs:
+            return
+        picked = logits[torch.tensor(rows)] if rows != list(range(logits.shape[0])) else logits
+        result = sample(picked, seqs, self._generator)
+        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
+            seq.append_token(token, logprob)
+            self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        reason = None
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            reason = "stop"
+        before = len(seq.text)
+        detokenizer.detokenize_step(self.tokenizer, seq)
+        cut_at_stop_string = False
+        if reason is None and p.stop:
+            at = detokenizer.find_stop(seq.text, p.stop, len(seq.text) - before)
+            if at is not None:
+                seq.text = seq.text[:at]
+                reason = "stop"
+                cut_at_stop_string = True
+        if reason is None and seq.num_output_tokens >= p.max_tokens:
+            reason = "length"
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if not cut_at_stop_string:
+                detokenizer.flush(self.tokenizer, seq)
+            self.scheduler.finish(seq, reason)
+
+    # ------------------------------------------------------------------- reports
+    def _report(self, request: Request, final: bool) -> RequestOutput:
+        if request.beam is not None:
+            outs = request.beam.outputs(final)
+        else:
+            outs = []
+            for seq in sorted(request.seqs, key=lambda s: s.index):
+                shown = len(seq.text) if seq.is_finished else detokenizer.safe_emit_length(seq.text, seq.params.stop)
+                shown = max(shown, seq.emitted_chars)
+                out_ids = seq.output_token_ids
+                outs.append(
+                    CompletionOutput(
+                        index=seq.index,
+                        text=seq.text[:shown],
+                        token_ids=list(out_ids),
+                        finish_reason=seq.finish_reason,
+                        cumulative_logprob=seq.cumulative_logprob,
+                        logprobs=list(seq.logprobs[-len(out_ids):]) if seq.params.logprobs and out_ids else ([] if seq.params.logprobs else None),
+                        delta_text=seq.text[seq.emitted_chars : shown],
+                        delta_token_ids=list(out_ids[seq.emitted_tokens :]),
+                    )
+                )
+                seq.emitted_chars = shown
+                seq.emitted_tokens = len(out_ids)
+        m = request.metrics
+        firsts = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        if firsts:
+            m.first_token_time = min(firsts)
+        m.num_generated_tokens = sum(len(o.token_ids) for o in outs)
+        m.prefix_hit_tokens = max((s.prefix_hit_tokens for s in request.seqs), default=0)
+        return RequestOutput(request.request_id, list(request.prompt_token_ids), outs, final, m)
+
+    # ------------------------------------------------------------- conveniences
+    def generate(self, prompts: list[str] | None = None, params: SamplingParams | list[SamplingParams] | None = None, *, messages: list[list[dict]] | None = None, prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
+        """Run requests to completion (all submitted at once) and return their final outputs."""
+        items: list[dict] = []
+        for p in prompts or []:
+            items.append({"prompt": p})
+        for m in messages or []:
+            items.append({"messages": m})
+        for ids in prompt_token_ids or []:
+            items.append({"prompt_token_ids": ids})
+        plist = params if isinstance(params, list) else [params] * len(items)
+        order = [self.add_request(**item, params=p) for item, p in zip(items, plist)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in order]
+
+    def memory(self) -> dict:
+        """design.md's figures now, plus their peaks."""
+        figs = self.block_manager.figures().as_dict()
+        figs.update(self.block_manager.peaks())
+        figs["kv_cache_bytes"] = self.runner.kv_cache_bytes
+        return figs
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 where the hardware multiplies it natively, else float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
+def _eos_ids(hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(x) for x in source)
+    return ids

@@ -1,0 +1,78 @@
+"""Owns the KV pool tensors and turns one scheduled step into a forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from localchat.block_manager import BlockManager
+from localchat.scheduler import ScheduledWork
+
+
+def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of `block_size` tokens for every layer."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * hf_config.num_hidden_layers * block_size * kv_heads * head_dim * itemsize
+
+
+def num_blocks_for_budget(hf_config, block_size: int, dtype: torch.dtype, budget_bytes: float) -> int:
+    return max(1, int(budget_bytes // kv_bytes_per_block(hf_config, block_size, dtype)))
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, hf_config, block_manager: BlockManager, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.bm = block_manager
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.block_size = block_manager.block_size
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        shape = (block_manager.num_blocks, self.block_size, kv_heads, head_dim)
+        # torch.zeros touches every page now, so the first steps don't pay for fresh memory.
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(hf_config.num_hidden_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(hf_config.num_hidden_layers)]
+        self.kv_caches = list(zip(self.k_caches, self.v_caches))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_caches + self.v_caches)
+
+    def apply_copies(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: give each new private block the K/V of the shared block it replaces."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=self.device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=self.device)
+        kernels.copy_blocks(self.k_caches, self.v_caches, src, dst)
+
+    @torch.inference_mode()
+    def execute(self, work: list[ScheduledWork], copies: list[tuple[int, int]]) -> torch.Tensor:
+        """Run one step. Returns float32 logits, one row per work item that completes its
+        sequence (in `work` order); chunks in the middle of a prompt need no logits."""
+        self.apply_copies(copies)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        tables: list[list[int]] = []
+        context_lens: list[int] = []
+        query_lens: list[int] = []
+        logits_indices: list[int] = []
+        for w in work:
+            seq, start, n = w.seq, w.start, w.num_new_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            tables.append(self.bm.block_table(seq.seq_id))
+            context_lens.append(start + n)
+            query_lens.append(n)
+            if w.completes_sequence:
+                logits_indices.append(len(input_ids) - 1)
+        meta = kernels.build_metadata(tables, context_lens, query_lens, self.block_size, self.device)
+        return self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            self.kv_caches,
+            meta,
+            torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+        )
