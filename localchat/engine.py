@@ -214,11 +214,15 @@ class Engine:
     def fork_sequence(self, parent: Sequence, request: Request, index: int) -> Sequence:
         """A child that shares all of the parent's blocks and continues from its tokens."""
         child = self._new_sequence(request, index, token_ids=parent.token_ids)
-        child.num_computed = parent.num_computed
         child.logprobs = list(parent.logprobs)
         child.cumulative_logprob = parent.cumulative_logprob
-        self.block_manager.fork(parent.seq_id, child.seq_id)
-        self.scheduler.add_running(child)
+        child.first_token_time = parent.first_token_time
+        if self.block_manager.has(parent.seq_id):
+            child.num_computed = parent.num_computed
+            self.block_manager.fork(parent.seq_id, child.seq_id)
+            self.scheduler.add_running(child)
+        else:  # the parent was preempted: the child recomputes from the prefix cache like it will
+            self.scheduler.add(child)
         return child
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -243,7 +247,10 @@ class Engine:
         sched = self.scheduler.schedule()
         touched: dict[str, Request] = {}
         for seq in sched.finished:
-            touched[seq.request_id] = self.requests[seq.request_id]
+            request = self.requests[seq.request_id]
+            if request.beam is not None:  # a beam that cannot grow ends the whole search
+                request.beam.finish_now()
+            touched[seq.request_id] = request
         if sched:
             logits = self.runner.execute(sched.work, sched.copies)
             self.scheduler.commit(sched)

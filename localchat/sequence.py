@@ -35,8 +35,6 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
-    # A sequence that only prefills a shared prompt before its request forks it.
-    sample_after_prefill: bool = True
     # Text that the detokenizer has produced so far (stop strings already cut out).
     text: str = ""
     # Detokenizer state (incremental, in the manner of vLLM).

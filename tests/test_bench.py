@@ -1,0 +1,84 @@
+"""Smoke test of `localchat bench` on a tiny random Llama: every suite runs and its figures are computed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def tiny_ctx(smol_tokenizer):
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from localchat.bench import BenchContext
+    from localchat.models import build_model_from_hf, tiny_llama_config
+
+    torch.manual_seed(0)
+    tok = smol_tokenizer
+    hf = HFLlama(tiny_llama_config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).eval()
+    model = build_model_from_hf(hf, dtype=torch.float32, device="cpu")
+    return BenchContext(model=model, hf_config=hf.config, tokenizer=tok, dtype=torch.float32, device=torch.device("cpu"),
+                        eos_token_ids=[tok.eos_token_id], hf_model=hf, model_name="tiny")
+
+
+def test_bench_all_suites_tiny(tiny_ctx):
+    from localchat.bench import SUITES, Sizes, run_bench
+
+    sizes = Sizes.preset("tiny")
+    report = run_bench(tiny_ctx, list(SUITES), sizes)
+    d = report.as_dict()
+    json.dumps(d, default=str)  # the --json output serializes
+
+    tp = report.get("throughput", "generated tokens/s")
+    assert tp is not None and tp.ours > 0 and tp.baseline > 0
+    assert tp.ratio == pytest.approx(tp.ours / tp.baseline)
+    details = report.details["throughput"]
+    assert details["requests"] == sizes.num_requests and details["output_tokens"] > 0
+
+    dec = report.get("decode", "single-sequence decode")
+    assert dec.ours > 0 and dec.baseline > 0 and dec.ratio > 0
+    # float32: our greedy ids equal transformers' (design invariant 6), so the whole run agrees.
+    assert report.details["decode"]["greedy_prefix_agreement"] == sizes.decode_tokens
+
+    used = report.get("sharing", "n=4 sampling: peak blocks")
+    assert used.ours < used.baseline  # the prompt's blocks are stored once, not four times
+    savings = report.get("sharing", "n=4 sampling: sharing_savings").ours
+    assert 0 < savings < 1
+    assert savings == pytest.approx(1 - used.ours / used.baseline)
+    assert report.get("sharing", "beam width 4: peak blocks") is not None or "sharing/beam width 4" in report.skipped
+
+    turns = report.details["multiturn"]
+    assert len(turns) == sizes.multiturn_turns
+    assert [t["prompt_tokens"] for t in turns] == sorted(t["prompt_tokens"] for t in turns)
+    assert all(t["prefix_hit_tokens"] > 0 for t in turns[1:])  # later turns hit the prefix cache
+    assert all(t["ttft_on_s"] > 0 and t["ttft_off_s"] > 0 for t in turns)
+
+    util = report.get("memory", "kv_utilization at peak")
+    assert 0 < util.ours <= 1 and 0 < util.baseline <= 1
+    assert report.get("memory", "KV bytes at peak").baseline > 0
+
+    table = report.table()
+    for suite in SUITES:
+        assert suite in table
+
+
+def test_bench_cli_registered():
+    from localchat.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "decode", "throughput", "--quick", "--json", "x.json", "--dtype", "float32"])
+    assert args.suites == ["decode", "throughput"] and args.quick and args.json == "x.json"
+    assert args.func.__name__ == "cmd_bench"
+
+
+def test_workload_is_seeded_and_spread():
+    from localchat.bench import Sizes, make_workload
+
+    sizes = Sizes.preset("full")
+    a, b = make_workload(sizes, 49152), make_workload(sizes, 49152)
+    assert a == b and len(a) == 64
+    plens = [len(p) for p, _ in a]
+    olens = [o for _, o in a]
+    assert min(plens) >= 16 and max(plens) <= 1500 and max(plens) > 600 and min(plens) < 200
+    assert min(olens) >= 16 and max(olens) <= 512 and max(olens) > 200
