@@ -113,7 +113,14 @@ class BlockManager:
         self.prefix_hit_tokens = 0
         self.prompt_tokens = 0
         self.blocks_unshared = 0  # sum of table lengths: what the live sequences would need unshared
-        self._peaks = {"blocks_used_peak": 0, "blocks_unshared_peak": 0, "tokens_stored_peak": 0}
+        # Figures at the moment blocks_used peaked, so the peak's utilization and savings are
+        # read off one instant; blocks_unshared_peak is the maximum on its own.
+        self._peaks = {
+            "blocks_used_peak": 0,
+            "blocks_unshared_peak": 0,
+            "tokens_stored_peak": 0,
+            "blocks_unshared_at_used_peak": 0,
+        }
         self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- helpers
@@ -131,6 +138,13 @@ class BlockManager:
         if used > self._peaks["blocks_used_peak"]:
             self._peaks["blocks_used_peak"] = used
             self._peaks["tokens_stored_peak"] = self.pool.tokens_in_used
+            self._peaks["blocks_unshared_at_used_peak"] = self.blocks_unshared
+        elif used == self._peaks["blocks_used_peak"]:
+            # Blocks fill up while the count stands still: keep the fullest moment at this peak.
+            if self.pool.tokens_in_used > self._peaks["tokens_stored_peak"]:
+                self._peaks["tokens_stored_peak"] = self.pool.tokens_in_used
+            if self.blocks_unshared > self._peaks["blocks_unshared_at_used_peak"]:
+                self._peaks["blocks_unshared_at_used_peak"] = self.blocks_unshared
         if self.blocks_unshared > self._peaks["blocks_unshared_peak"]:
             self._peaks["blocks_unshared_peak"] = self.blocks_unshared
 
@@ -388,7 +402,7 @@ class BlockManager:
         """Peaks since start or `reset_peaks`, under the same names with a `_peak` suffix."""
         with self._lock:
             p = dict(self._peaks)
-            used, unshared = p["blocks_used_peak"], p["blocks_unshared_peak"]
+            used, unshared = p["blocks_used_peak"], p["blocks_unshared_at_used_peak"]
             p["kv_utilization_peak"] = p["tokens_stored_peak"] / (used * self.block_size) if used else 0.0
             p["sharing_savings_peak"] = 1.0 - used / unshared if unshared else 0.0
             return p

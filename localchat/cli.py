@@ -194,6 +194,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         doc = _output_json(final, engine.model_name)
         doc["memory"] = memory
+        if params.n > 1 or params.is_beam_search:
+            doc["sharing"] = {
+                "blocks_used_peak": memory["blocks_used_peak"],
+                "blocks_unshared_peak": memory["blocks_unshared_at_used_peak"],
+                "sharing_savings": memory["sharing_savings_peak"],
+                "cow_copies": memory["cow_copies"],
+            }
         doc["seconds"] = elapsed
         print(json.dumps(doc, indent=2))
     elif stream_text:

@@ -56,6 +56,8 @@ class Request:
     forked: bool = False
     beam: object | None = None  # localchat.beam_search.BeamSearch for beam requests
     aborted: bool = False
+    # Continue from the live sequence of this request (sharing its blocks), then prompt_token_ids.
+    fork_from: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -147,9 +149,20 @@ class Engine:
         prompt_token_ids: list[int] | None = None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        fork_from: str | None = None,
     ) -> Request:
-        """Validate and tokenize without touching engine state (safe from any thread)."""
+        """Validate and tokenize without touching engine state (safe from any thread).
+
+        With `fork_from`, the request continues the running request of that id from wherever it
+        is: it shares all its blocks, and `prompt_token_ids` (may be empty) are appended.
+        """
         params = params or SamplingParams()
+        if fork_from is not None:
+            extra = [int(t) for t in (prompt_token_ids or [])]
+            rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+            request = Request(rid, extra, params, RequestMetrics(arrival_time=time.perf_counter()))
+            request.fork_from = fork_from
+            return request
         given = [x is not None for x in (prompt, messages, prompt_token_ids)]
         if sum(given) != 1:
             raise RequestError("give exactly one of prompt, messages or prompt_token_ids")
@@ -182,6 +195,8 @@ class Engine:
     def add(self, request: Request) -> str:
         if request.request_id in self.requests:
             raise RequestError(f"request id {request.request_id!r} is already in use")
+        if request.fork_from is not None:
+            return self._add_fork(request)
         self.requests[request.request_id] = request
         request.metrics.arrival_time = time.perf_counter()
         if request.params.is_beam_search:
@@ -191,6 +206,31 @@ class Engine:
             return request.request_id
         seq = self._new_sequence(request, index=0)
         self.scheduler.add(seq)
+        return request.request_id
+
+    def _add_fork(self, request: Request) -> str:
+        source = self.requests.get(request.fork_from)  # type: ignore[arg-type]
+        live = [s for s in source.seqs if not s.is_finished] if source is not None else []
+        if not live or source.beam is not None:
+            raise RequestError(
+                f"request {request.fork_from!r} is not running: continue from its token ids instead "
+                "(the prefix cache still holds them)"
+            )
+        parent = min(live, key=lambda s: s.index)
+        request.prompt_token_ids = list(parent.token_ids) + request.prompt_token_ids
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise RequestError(f"the forked prompt has {len(request.prompt_token_ids)} tokens; the context holds {self.max_model_len}")
+        request.metrics.num_prompt_tokens = len(request.prompt_token_ids)
+        request.metrics.arrival_time = time.perf_counter()
+        self.requests[request.request_id] = request
+        child = self._new_sequence(request, index=0)
+        if self.block_manager.has(parent.seq_id):
+            child.num_computed = min(parent.num_computed, len(parent.token_ids))
+            child.prefix_hit_tokens = child.num_computed
+            self.block_manager.fork(parent.seq_id, child.seq_id)
+            self.scheduler.add_running(child)
+        else:
+            self.scheduler.add(child)
         return request.request_id
 
     def add_request(self, prompt: str | None = None, **kwargs) -> str:
