@@ -17,7 +17,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 on CPU; float16/bfloat16 on CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="memory for the KV block pool")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="memory for the KV block pool (default: 1 on CPU, 60%% of free GPU memory on CUDA)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt from scratch")
@@ -34,7 +34,7 @@ def engine_from_args(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = EngineConfig(
         block_size=args.block_size,
-        kv_cache_gb=args.kv_cache_gb or (4.0 if device == "cuda" else 1.0),
+        kv_cache_gb=args.kv_cache_gb,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_cache=not args.no_prefix_cache,

@@ -30,7 +30,8 @@ class RequestError(ValueError):
 @dataclass
 class EngineConfig:
     block_size: int = 16
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float | None = None  # default: 1 GiB on the CPU, gpu_memory_fraction of free memory on CUDA
+    gpu_memory_fraction: float = 0.6
     num_blocks: int | None = None  # overrides kv_cache_gb
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -42,8 +43,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
-        if self.num_blocks is None and not self.kv_cache_gb > 0:
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
+        if not 0 < self.gpu_memory_fraction < 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction!r}")
 
 
 @dataclass(eq=False)
@@ -86,7 +89,7 @@ class Engine:
         self.dtype = dtype
         self.device = torch.device(device)
         num_blocks = self.config.num_blocks or num_blocks_for_budget(
-            hf_config, self.config.block_size, dtype, self.config.kv_cache_gb * 2**30
+            hf_config, self.config.block_size, dtype, self._kv_budget_bytes()
         )
         self.block_manager = BlockManager(
             num_blocks,
@@ -108,6 +111,14 @@ class Engine:
         if self.config.seed is not None:
             self._generator.manual_seed(self.config.seed)
         self.steps = 0
+
+    def _kv_budget_bytes(self) -> float:
+        if self.config.kv_cache_gb is not None:
+            return self.config.kv_cache_gb * 2**30
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free * self.config.gpu_memory_fraction
+        return 2**30
 
     @classmethod
     def from_pretrained(cls, name: str | None = None, *, dtype=None, device: str | None = None, config: EngineConfig | None = None) -> "Engine":

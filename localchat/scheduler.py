@@ -143,7 +143,9 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not self.bm.has(seq.seq_id):
-                if not self.bm.can_allocate(seq.token_ids, min(budget, seq.num_tokens)):
+                # With others running, wait until the whole first chunk fits; alone, any progress will do.
+                chunk = min(budget, seq.num_tokens) if self.running else 1
+                if not self.bm.can_allocate(seq.token_ids, chunk):
                     break
                 hit = self.bm.allocate(seq.seq_id, seq.token_ids)
                 seq.num_computed = hit
