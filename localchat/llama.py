@@ -8,6 +8,7 @@ small matmul costs more in dispatch and weight traffic than it computes.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -57,9 +58,50 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Same order of operations as transformers (normalize in float32, cast, then scale) so float32
         # logits agree to rounding and bfloat16 behaves like the reference.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))
-        return self.weight * normed.to(x.dtype)
+        # F.rms_norm is one fused op; it normalizes bfloat16 input in float32 and rounds once, so it is
+        # bit-identical to float() -> 5-op norm -> to(dtype) in both dtypes (checked), at 1 op instead of 7.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+
+def _mkldnn_packing_available() -> bool:
+    if os.environ.get("LOCALCHAT_NO_PACK"):  # for measurements: the plain ATen path
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(
+        torch.ops.mkldnn, "_linear_pointwise"
+    )
+
+
+class PackedLinear:
+    """y = x @ W.T + b with W reordered once into oneDNN's blocked layout (bfloat16 on the CPU).
+
+    ATen's bfloat16 linear streams a decode step's weights at ~14 GB/s here; the prepacked oneDNN kernel
+    (what torch.compile's CPU backend uses) reaches ~23 GB/s and gives bit-identical results at batch 1
+    (benchmarks/NOTES.md). The packed copy is rebuilt if the weight is replaced or modified in place.
+    """
+
+    __slots__ = ("weight", "bias", "packed", "stamp")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.packed = None
+        self.stamp = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        try:
+            stamp = (w.data_ptr(), w._version)
+        except RuntimeError:  # an inference tensor has no version counter (and can't be modified in place)
+            stamp = (w.data_ptr(), 0)
+        if stamp != self.stamp:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            self.stamp = stamp
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+
+def _linear_fn(linear_weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+    if pack:
+        return PackedLinear(linear_weight, bias)
+    return lambda x: F.linear(x, linear_weight, bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -79,6 +121,7 @@ class LlamaDecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=config.mlp_bias)
         self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
+        self._fast: tuple | None = None  # (dtype, callables and weights) built on first forward
 
     def forward(
         self,
@@ -89,31 +132,74 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """x [T, hidden] is the residual stream; it is updated in place and returned."""
-        tokens = x.shape[0]
+        # Plain callables on the weights rather than module calls: a decode step runs this 30 times and on
+        # these CPUs each avoided dispatch or Python frame is a measurable share of the step.
+        fast = self._fast
+        if fast is None or fast[0] != x.dtype:
+            fast = self._fast = self._build_fast(x)
+        _, qkv_proj, o_proj, gate_up_proj, down_proj, norm1, eps1, norm2, eps2 = fast
+        tokens, hidden_size = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(self.input_layernorm(x))
+        qkv = qkv_proj(norm1 * F.rms_norm(x, (hidden_size,), eps=eps1))
         qk_size = (heads + kv_heads) * head_dim
         # Q and K sit side by side in the fused output, so one rotary pass covers both.
         qk = apply_rotary(qkv[:, :qk_size].view(tokens, heads + kv_heads, head_dim), cos, sin)
-        query, key = qk[:, :heads], qk[:, heads:]
         value = qkv[:, qk_size:].view(tokens, kv_heads, head_dim)
         k_cache, v_cache = kv_cache
-        kernels.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
-        attn = kernels.paged_attention(query, k_cache, v_cache, meta, self.scale)
-        x.add_(self.o_proj(attn.reshape(tokens, heads * head_dim)))
+        kernels.write_kv(qk[:, heads:], value, k_cache, v_cache, meta.slot_mapping)
+        attn = kernels.paged_attention(qk[:, :heads], k_cache, v_cache, meta, self.scale)
+        x.add_(o_proj(attn.reshape(tokens, heads * head_dim)))
 
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
-        hidden = self.act(gate)
-        hidden.mul_(up)
-        x.add_(self.down_proj(hidden))
+        gate_up = gate_up_proj(norm2 * F.rms_norm(x, (hidden_size,), eps=eps2))
+        hidden = self.act(gate_up[:, : self.intermediate_size])
+        hidden.mul_(gate_up[:, self.intermediate_size :])
+        x.add_(down_proj(hidden))
         return x
+
+    def _build_fast(self, x: torch.Tensor) -> tuple:
+        # RMSNorm is inlined (same math as RMSNorm.forward). F.rms_norm normalizes bfloat16 input in
+        # float32 and rounds once: bit-identical to float() -> 5-op norm -> to(dtype) (checked), 1 op not 7.
+        pack = (
+            x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.qkv_proj.weight.dtype == torch.bfloat16
+            and _mkldnn_packing_available()
+        )
+        return (
+            x.dtype,
+            _linear_fn(self.qkv_proj.weight, self.qkv_proj.bias, pack),
+            _linear_fn(self.o_proj.weight, self.o_proj.bias, pack),
+            _linear_fn(self.gate_up_proj.weight, self.gate_up_proj.bias, pack),
+            _linear_fn(self.down_proj.weight, self.down_proj.bias, pack),
+            self.input_layernorm.weight,
+            self.input_layernorm.eps,
+            self.post_attention_layernorm.weight,
+            self.post_attention_layernorm.eps,
+        )
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, heads, D] with cos/sin [T, 1, D/2] (transformers' Llama convention)."""
+    """Rotate-half RoPE on x [T, heads, D] (transformers' Llama convention).
+
+    cos/sin are either [T, 1, D/2] (the plain form) or, as LlamaForCausalLM.rotary returns them,
+    full-width [T, 1, D] with the sign folded into sin ([-sin, sin]): then x*cos + swap_halves(x)*sin
+    is 4 ops instead of 7 and gives bit-identical results (a - b == a + (-b)).
+    """
     half = x.shape[-1] // 2
+    if cos.shape[-1] == x.shape[-1]:
+        tokens, heads, dim = x.shape
+        swapped = x.view(tokens, heads, 2, half).flip(2).view(tokens, heads, dim)
+        out = x * cos
+        return out.add_(swapped * sin)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class _Head:
+    def __init__(self, weight: torch.Tensor, pack: bool, dtype: torch.dtype) -> None:
+        self.weight, self.dtype = weight, dtype
+        self.fn = _linear_fn(weight, None, pack)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -150,6 +236,7 @@ class LlamaForCausalLM(nn.Module):
         # A plain attribute, not a buffer: a later model.to(bfloat16) must not round the frequencies.
         self.inv_freq = inv_freq.to(self.device)
         self._share = False
+        self._head = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -164,7 +251,8 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         cos = (freqs.cos() * self.attention_scaling).to(self.dtype)
         sin = (freqs.sin() * self.attention_scaling).to(self.dtype)
-        return cos[:, None, :], sin[:, None, :]
+        # Full width with the rotate-half sign folded in (see apply_rotary): fewer ops in every layer.
+        return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
 
     @torch.inference_mode()
     def forward(
@@ -185,7 +273,12 @@ class LlamaForCausalLM(nn.Module):
         if logits_indices is not None:
             # Norm and LM head only for the rows that are sampled: the head is the largest matmul.
             x = x.index_select(0, logits_indices)
-        return F.linear(self.norm(x), self.lm_head_weight).float()
+        head = self._head
+        weight = self.lm_head_weight
+        if head is None or head.weight is not weight or head.dtype != x.dtype:
+            pack = x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _mkldnn_packing_available()
+            head = self._head = _Head(weight, pack, x.dtype)
+        return head(self.norm(x)).float()
 
     # ---- weights -------------------------------------------------------------------------------
 
@@ -198,6 +291,9 @@ class LlamaForCausalLM(nn.Module):
         writing ~half the model into fresh memory, which is slow on these VMs.
         """
         self._share = share
+        self._head = None
+        for layer in self.layers:
+            layer._fast = None
         loaded: set[str] = set()
         pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         fused_parts = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}

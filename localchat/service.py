@@ -65,6 +65,29 @@ class ChatService:
             raise ValueError(f"message {assistant_message_id} is not an assistant reply")
         yield from self._reply(original.conversation_id, self.store.path(original.parent_id), params)
 
+    # ------------------------------------------------------- n samples side by side
+    def send_samples(self, conversation_id: int, text: str, params: SamplingParams) -> Iterator[list[ChatEvent]]:
+        """Like `send`, but stream all `params.n` samples; each is saved as a sibling reply."""
+        path = self.store.current_path(conversation_id)
+        user = self._add_user(conversation_id, path, text, parent_id=path[-1].id if path else None)
+        yield from self._reply_samples(conversation_id, path + [user], params)
+
+    def edit_samples(self, user_message_id: int, text: str, params: SamplingParams) -> Iterator[list[ChatEvent]]:
+        """Like `edit`, with all `params.n` samples saved as sibling replies."""
+        original = self.store.get_message(user_message_id)
+        if original.role != "user":
+            raise ValueError(f"message {user_message_id} is a {original.role} message; only user messages are edited")
+        path = self.store.path(original.parent_id) if original.parent_id is not None else []
+        user = self._add_user(original.conversation_id, path, text, parent_id=original.parent_id)
+        yield from self._reply_samples(original.conversation_id, path + [user], params)
+
+    def regenerate_samples(self, assistant_message_id: int, params: SamplingParams) -> Iterator[list[ChatEvent]]:
+        """Like `regenerate`, with all `params.n` samples saved as new sibling replies."""
+        original = self.store.get_message(assistant_message_id)
+        if original.role != "assistant" or original.parent_id is None:
+            raise ValueError(f"message {assistant_message_id} is not an assistant reply")
+        yield from self._reply_samples(original.conversation_id, self.store.path(original.parent_id), params)
+
     # ------------------------------------------------------------------ prompts
     def _system(self, conversation_id: int) -> list[dict]:
         system = self.store.get_conversation(conversation_id).system_prompt
@@ -137,3 +160,67 @@ class ChatService:
                 stream.abort()
                 if not writer.finished:
                     writer.finish("abort")
+
+    def _reply_samples(self, conversation_id: int, path: list[Message], params: SamplingParams) -> Iterator[list[ChatEvent]]:
+        """Stream every sample of one request (n forks sharing the prompt's blocks).
+
+        Each sample gets its own assistant message under the same user message, created when the
+        sample first appears (the engine forks after the prompt's first token). Every update yields
+        the list of all samples seen so far, ordered by sample index. When the request ends, the
+        branch of sample 0 is made current.
+        """
+        prompt = self.prompt_ids(conversation_id, path)
+        stream = self.driver.submit(prompt_token_ids=prompt, params=params)
+        parent_id = path[-1].id
+        writers: dict[int, object] = {}
+        final = None
+        try:
+            for out in stream:
+                m = out.metrics
+                events: list[ChatEvent] = []
+                for o in sorted(out.outputs, key=lambda x: x.index):
+                    writer = writers.get(o.index)
+                    if writer is None:
+                        writer = self.store.begin_reply(conversation_id, parent_id, model=self.engine.model_name, sampling=params.to_dict())
+                        writers[o.index] = writer
+                    if o.token_ids and len(writer.token_ids) + len(o.delta_token_ids) != len(o.token_ids):
+                        writer.update(o.text, o.token_ids)  # a fork starts with its parent's tokens
+                    else:
+                        writer.append(o.delta_text, o.delta_token_ids)
+                    if out.finished and not writer.finished:
+                        writer.finish(
+                            o.finish_reason or "stop",
+                            content=o.text,
+                            token_ids=o.token_ids,
+                            prompt_tokens=m.num_prompt_tokens,
+                            generated_tokens=len(o.token_ids),
+                            ttft_s=m.time_to_first_token,
+                            tokens_per_s=m.decode_tokens_per_s,
+                        )
+                    events.append(
+                        ChatEvent(
+                            message_id=writer.message_id,
+                            delta_text=o.delta_text,
+                            text=o.text,
+                            finished=out.finished,
+                            finish_reason=o.finish_reason,
+                            prompt_tokens=m.num_prompt_tokens,
+                            prefix_hit_tokens=m.prefix_hit_tokens,
+                            generated_tokens=len(o.token_ids),
+                            ttft_s=m.time_to_first_token,
+                            tokens_per_s=m.decode_tokens_per_s,
+                        )
+                    )
+                if out.finished:
+                    final = out
+                    if 0 in writers:
+                        self.store.switch_branch(writers[0].message_id)
+                yield events
+        finally:
+            if final is None:  # the client went away or the engine failed: keep what was shown
+                stream.abort()
+                for writer in writers.values():
+                    if not writer.finished:
+                        writer.finish("abort")
+                if 0 in writers:
+                    self.store.switch_branch(writers[0].message_id)

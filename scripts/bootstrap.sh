@@ -30,6 +30,15 @@ case "$mode" in
         exec "$venv/bin/python" app.py "$@"
         ;;
     test)
+        # The browser UI's end-to-end test drives Debian's Chromium (never `playwright install`,
+        # which downloads a browser of its own).
+        if [ ! -x /usr/bin/chromium ]; then
+            sudo=()
+            [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+            export DEBIAN_FRONTEND=noninteractive
+            ${sudo[@]+"${sudo[@]}"} apt-get update -qq
+            ${sudo[@]+"${sudo[@]}"} apt-get install -y -qq chromium
+        fi
         exec "$venv/bin/python" -m pytest "$@"
         ;;
     *)

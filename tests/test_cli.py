@@ -85,7 +85,7 @@ def test_generate_bad_input_is_a_clear_error(args, message):
 def test_app_terminal_chat_saves_the_conversation(tmp_path):
     db = tmp_path / "chats.db"
     proc = subprocess.run(
-        [sys.executable, "app.py", "--db", str(db), "--temperature", "0", "--max-tokens", "24", "--kv-cache-gb", "0.1"],
+        [sys.executable, "app.py", "--terminal", "--db", str(db), "--temperature", "0", "--max-tokens", "24", "--kv-cache-gb", "0.1"],
         input="What is the capital of France?\nAnd of Italy?\n\n", capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
