@@ -133,28 +133,8 @@ class ChatService:
                 writer.append(o.delta_text, o.delta_token_ids)
                 if out.finished:
                     final = out
-                    m = out.metrics
-                    writer.finish(
-                        o.finish_reason or "stop",
-                        content=o.text,
-                        token_ids=o.token_ids,
-                        prompt_tokens=m.num_prompt_tokens,
-                        generated_tokens=len(o.token_ids),
-                        ttft_s=m.time_to_first_token,
-                        tokens_per_s=m.decode_tokens_per_s,
-                    )
-                yield ChatEvent(
-                    message_id=writer.message_id,
-                    delta_text=o.delta_text,
-                    text=o.text,
-                    finished=out.finished,
-                    finish_reason=o.finish_reason,
-                    prompt_tokens=out.metrics.num_prompt_tokens,
-                    prefix_hit_tokens=out.metrics.prefix_hit_tokens,
-                    generated_tokens=len(o.token_ids),
-                    ttft_s=out.metrics.time_to_first_token,
-                    tokens_per_s=out.metrics.decode_tokens_per_s,
-                )
+                    _finish(writer, o, out.metrics)
+                yield _event(writer, o, out)
         finally:
             if final is None:  # the client went away or the engine failed: keep what was shown
                 stream.abort()
@@ -188,29 +168,8 @@ class ChatService:
                     else:
                         writer.append(o.delta_text, o.delta_token_ids)
                     if out.finished and not writer.finished:
-                        writer.finish(
-                            o.finish_reason or "stop",
-                            content=o.text,
-                            token_ids=o.token_ids,
-                            prompt_tokens=m.num_prompt_tokens,
-                            generated_tokens=len(o.token_ids),
-                            ttft_s=m.time_to_first_token,
-                            tokens_per_s=m.decode_tokens_per_s,
-                        )
-                    events.append(
-                        ChatEvent(
-                            message_id=writer.message_id,
-                            delta_text=o.delta_text,
-                            text=o.text,
-                            finished=out.finished,
-                            finish_reason=o.finish_reason,
-                            prompt_tokens=m.num_prompt_tokens,
-                            prefix_hit_tokens=m.prefix_hit_tokens,
-                            generated_tokens=len(o.token_ids),
-                            ttft_s=m.time_to_first_token,
-                            tokens_per_s=m.decode_tokens_per_s,
-                        )
-                    )
+                        _finish(writer, o, m)
+                    events.append(_event(writer, o, out))
                 if out.finished:
                     final = out
                     if 0 in writers:
@@ -224,3 +183,32 @@ class ChatService:
                         writer.finish("abort")
                 if 0 in writers:
                     self.store.switch_branch(writers[0].message_id)
+
+
+def _finish(writer, o, m) -> None:
+    """Save a finished reply with its exact ids and its stats."""
+    writer.finish(
+        o.finish_reason or "stop",
+        content=o.text,
+        token_ids=o.token_ids,
+        prompt_tokens=m.num_prompt_tokens,
+        generated_tokens=len(o.token_ids),
+        ttft_s=m.time_to_first_token,
+        tokens_per_s=m.decode_tokens_per_s,
+    )
+
+
+def _event(writer, o, out) -> ChatEvent:
+    m = out.metrics
+    return ChatEvent(
+        message_id=writer.message_id,
+        delta_text=o.delta_text,
+        text=o.text,
+        finished=out.finished,
+        finish_reason=o.finish_reason,
+        prompt_tokens=m.num_prompt_tokens,
+        prefix_hit_tokens=m.prefix_hit_tokens,
+        generated_tokens=len(o.token_ids),
+        ttft_s=m.time_to_first_token,
+        tokens_per_s=m.decode_tokens_per_s,
+    )
