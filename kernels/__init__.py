@@ -1,6 +1,7 @@
 """Paged-attention kernels: one interface, a backend per device type.
 
-The PyTorch implementation (torch_ops) serves every device; a faster backend (Triton on CUDA, a later
+The PyTorch implementation (torch_ops) serves every device; the CPU uses cpu_native (a C++ decode
+attention, falling back to torch_ops where it can't be built); a faster backend (Triton on CUDA, a later
 issue) registers itself for its device type with register_backend and gets picked by the tensors' device.
 
 Never give this package a `__version__`: transformers probes `import kernels` for the Hugging Face hub
@@ -13,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from . import torch_ops
+from . import cpu_native, torch_ops
 from .metadata import AttentionMetadata, build_metadata
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 # device type ("cpu", "cuda", ...) -> module exposing write_kv, paged_attention and copy_blocks
-_BACKENDS: dict[str, ModuleType] = {}
+_BACKENDS: dict[str, ModuleType] = {"cpu": cpu_native}
 
 
 def register_backend(device_type: str, module: ModuleType) -> None:

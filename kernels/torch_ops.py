@@ -107,19 +107,18 @@ def paged_attention(
     """
     if meta.is_decode_only:
         return _decode(query, k_cache, v_cache, meta, scale)
-    split = _mixed_split(meta)
+    split = mixed_decode_split(meta)
     if split is None:
-        return _per_sequence(query, k_cache, v_cache, meta, scale)
-    # A step mixing prompt chunks with many decoding sequences: the decode rows go through the batched
-    # decode path together instead of one SDPA call each.
+        return prompt_attention(query, k_cache, v_cache, meta, scale)
     decode_meta, rows = split
-    out = _per_sequence(query, k_cache, v_cache, meta, scale, skip_decode=True)
+    out = prompt_attention(query, k_cache, v_cache, meta, scale, skip_decode=True)
     out.index_copy_(0, rows, _decode(query.index_select(0, rows), k_cache, v_cache, decode_meta, scale))
     return out
 
 
-def _mixed_split(meta: AttentionMetadata) -> tuple[AttentionMetadata, torch.Tensor] | None:
-    """For a mixed step with >= 2 single-token rows: metadata for those rows alone and their token rows."""
+def mixed_decode_split(meta: AttentionMetadata) -> tuple[AttentionMetadata, torch.Tensor] | None:
+    """For a step mixing prompt chunks with >= 2 decoding sequences: metadata for the single-token rows
+    alone and their token rows, so they go through a batched decode path instead of one SDPA call each."""
     if "mixed" in meta.scratch:
         return meta.scratch["mixed"]
     seqs = [s for s, q in enumerate(meta.query_lens) if q == 1]
@@ -203,8 +202,8 @@ _ATTN_NATIVE = bool(os.environ.get("LOCALCHAT_ATTN_NATIVE_DTYPE"))  # experiment
 
 
 def _compute_dtype(query: torch.Tensor) -> torch.dtype:
-    # PyTorch's CPU flash attention is ~6x slower in bfloat16 than float32 for decode-sized queries and
-    # no faster for prefill, so on the CPU attention runs in float32 (the K/V copy is small).
+    # PyTorch's CPU flash attention is ~6x slower in bfloat16 than float32 for decode-sized queries, so on
+    # the CPU single-token rows run in float32 (the K/V copy is small).
     if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and not _ATTN_NATIVE:
         return torch.float32
     return query.dtype
@@ -267,12 +266,13 @@ def _decode_plan(meta: AttentionMetadata, block_size: int, device: torch.device)
     return plan
 
 
-def _per_sequence(
+def prompt_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
     skip_decode: bool = False,
 ) -> torch.Tensor:
+    """One SDPA call per sequence (prompt chunks); with skip_decode, single-token rows are left unwritten."""
     _, block_size, kv_heads, head_dim = k_cache.shape
-    dtype = _compute_dtype(query)
+    decode_dtype = _compute_dtype(query)
     out = torch.empty_like(query)
     start = 0
     for seq, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list)):
@@ -290,6 +290,9 @@ def _per_sequence(
         keys = kbuf.view(num_blocks * block_size, kv_heads, head_dim)[:ctx].transpose(0, 1)
         values = vbuf.view(num_blocks * block_size, kv_heads, head_dim)[:ctx].transpose(0, 1)
         queries = query[start:end].transpose(0, 1)
+        # Prompt chunks run in the model's dtype: PyTorch's CPU flash attention is as fast in bfloat16 as in
+        # float32 there (faster for short chunks), needs no float32 copy of K/V, and rounds like transformers.
+        dtype = query.dtype if q_len > 1 else decode_dtype
         mask, causal = None, False
         if q_len == ctx:
             causal = q_len > 1  # no cached prefix: top-left and bottom-right alignment coincide
