@@ -48,6 +48,10 @@ class Sizes:
     multiturn_reply_tokens: int = 32
     kv_cache_gb: float = 1.5
     max_num_batched_tokens: int = 1024
+    # Equal-length batches generated together (llama.cpp's batched figure in design.md is of this kind).
+    batched_seqs: tuple[int, ...] = (8, 64)
+    batched_prompt: int = 128
+    batched_tokens: int = 128
 
     @classmethod
     def preset(cls, name: str) -> "Sizes":
@@ -57,13 +61,14 @@ class Sizes:
             return cls(
                 num_requests=24, prompt_range=(16, 600), output_range=(16, 128), hf_batch=8, decode_tokens=64,
                 sharing_prompt=500, sharing_tokens=32, multiturn_turns=5, multiturn_user_tokens=100,
-                multiturn_reply_tokens=16, kv_cache_gb=0.5,
+                multiturn_reply_tokens=16, kv_cache_gb=0.5, batched_seqs=(8,), batched_prompt=64, batched_tokens=64,
             )
         if name == "tiny":  # the smoke test's tiny model: seconds
             return cls(
                 num_requests=6, prompt_range=(4, 40), output_range=(2, 12), hf_batch=4, decode_prompt=8,
                 decode_tokens=8, sharing_prompt=40, sharing_tokens=6, multiturn_turns=3, multiturn_user_tokens=12,
-                multiturn_reply_tokens=4, kv_cache_gb=0.01, max_num_batched_tokens=64,
+                multiturn_reply_tokens=4, kv_cache_gb=0.01, max_num_batched_tokens=64, batched_seqs=(2,),
+                batched_prompt=6, batched_tokens=4,
             )
         raise ValueError(f"unknown size preset {name!r}")
 
@@ -355,6 +360,45 @@ def suite_throughput(ctx: BenchContext, sizes: Sizes, report: Report, state: dic
         except Exception as exc:  # pragma: no cover - depends on an optional package
             report.skipped["throughput/llama.cpp"] = f"{type(exc).__name__}: {exc}"
 
+    for num_seqs in sizes.batched_seqs:
+        _batched(ctx, sizes, report, num_seqs)
+
+
+def _batched(ctx: BenchContext, sizes: Sizes, report: Report, num_seqs: int) -> None:
+    """num_seqs requests of equal prompt and output length, generated together: total tokens/s."""
+    rng = random.Random(3 + num_seqs)
+    vocab = int(ctx.hf_config.vocab_size)
+    prompts = [[rng.randrange(min(100, vocab // 4), vocab) for _ in range(sizes.batched_prompt)] for _ in range(num_seqs)]
+    new = sizes.batched_tokens
+    metric = f"{num_seqs} sequences x {new} tokens"
+    engine = ctx.engine(kv_cache_gb=sizes.kv_cache_gb, max_num_seqs=max(64, num_seqs),
+                        max_num_batched_tokens=sizes.max_num_batched_tokens)
+    _run_engine(engine, [(prompts[0][:8], _params(2))])  # warm-up
+    engine.block_manager.reset_prefix_cache()
+    seconds, _ = _run_engine(engine, [(p, _params(new)) for p in prompts])
+    ours = num_seqs * new / seconds
+    del engine
+    gc.collect()
+    details = report.details.setdefault("throughput", {}).setdefault("batched", {})
+    details[str(num_seqs)] = {"prompt_tokens": sizes.batched_prompt, "new_tokens": new, "seconds": seconds}
+    baselines = 0
+    if ctx.hf_model is not None:
+        pad = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None and ctx.tokenizer.pad_token_id is not None else 0
+        t0 = time.perf_counter()
+        hf_generate_batch(ctx.hf_model, prompts, new, pad)
+        hf = num_seqs * new / (time.perf_counter() - t0)
+        report.add("throughput", metric, ours, hf, f"transformers generate (batch {num_seqs})", "tok/s")
+        baselines += 1
+    if ctx.gguf_path is not None and importlib.util.find_spec("llama_cpp") is not None:
+        try:
+            lc = _llama_cpp_batched(ctx.gguf_path, prompts, new)
+            report.add("throughput", metric, ours, lc, f"llama.cpp batched ({num_seqs} sequences)", "tok/s")
+            baselines += 1
+        except Exception as exc:  # pragma: no cover - depends on an optional package
+            report.skipped[f"throughput/llama.cpp batched {num_seqs}"] = f"{type(exc).__name__}: {exc}"
+    if not baselines:
+        report.add("throughput", metric, ours, None, "", "tok/s")
+
 
 def suite_decode(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -> None:
     rng = random.Random(1)
@@ -419,8 +463,12 @@ def suite_sharing(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) 
                 continue
             raise
         mem = engine.memory()
-        used, unshared = mem["blocks_used_peak"], mem["blocks_unshared_peak"]
-        details[label] = {"blocks_used_peak": used, "blocks_unshared_peak": unshared,
+        # The baseline is the same live sequences at our peak, each with its own blocks. (The unshared
+        # count's own maximum can fall on a different instant: within a beam step the forked children
+        # exist before the pruned beams are freed.)
+        used, unshared = mem["blocks_used_peak"], mem["blocks_unshared_at_used_peak"]
+        details[label] = {"blocks_used_peak": used, "blocks_unshared_at_used_peak": unshared,
+                          "blocks_unshared_peak": mem["blocks_unshared_peak"],
                           "sharing_savings_peak": mem["sharing_savings_peak"], "seconds": seconds,
                           "cow_copies": mem.get("cow_copies")}
         report.add("sharing", f"{label}: peak blocks", used, unshared, "same sequences unshared", "blocks",
@@ -542,6 +590,72 @@ def _llama_cpp_throughput(llama, work: list[tuple[list[int], int]]) -> float:
     t0 = time.perf_counter()
     total = sum(_llama_cpp_generate(llama, p[:4000], o) for p, o in work)
     return total / (time.perf_counter() - t0)
+
+
+def _llama_cpp_batched(gguf_path: str, prompts: list[list[int]], new_tokens: int) -> float:
+    """llama.cpp's own batched decoding (one context, a sequence id per request, greedy): total tokens/s.
+
+    llama-cpp-python's high-level API runs one sequence, so this drives the C API as llama.cpp's
+    `batched` example does: one llama_decode for all prompts, then one per step with a token per sequence.
+    """
+    import llama_cpp  # type: ignore
+    import numpy as np
+
+    try:  # llama.cpp logs every tensor it loads to stderr; its Python package mutes that this way
+        from llama_cpp._utils import suppress_stdout_stderr  # type: ignore
+
+        quiet = suppress_stdout_stderr(disable=False)
+    except ImportError:  # pragma: no cover
+        from contextlib import nullcontext
+
+        quiet = nullcontext()
+    with quiet:
+        return _llama_cpp_batched_run(llama_cpp, np, gguf_path, prompts, new_tokens)
+
+
+def _llama_cpp_batched_run(llama_cpp, np, gguf_path: str, prompts: list[list[int]], new_tokens: int) -> float:
+    n = len(prompts)
+    llama_cpp.llama_backend_init()
+    model_params = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(gguf_path.encode(), model_params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+    ctx_params = llama_cpp.llama_context_default_params()
+    ctx_params.n_ctx = sum(len(p) for p in prompts) + n * (new_tokens + 1)
+    ctx_params.n_batch = max(ctx_params.n_ctx, 512)
+    ctx_params.n_ubatch = 512
+    ctx_params.n_seq_max = n
+    ctx_params.n_threads = ctx_params.n_threads_batch = torch.get_num_threads()
+    lctx = llama_cpp.llama_init_from_model(model, ctx_params)
+    batch = llama_cpp.llama_batch_init(max(ctx_params.n_ctx, n), 0, 1)
+    try:
+        vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+
+        def decode(items: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
+            batch.n_tokens = len(items)
+            for i, (tok, pos, seq, logits) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = logits
+            if llama_cpp.llama_decode(lctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        def greedy(index: int) -> int:
+            ptr = llama_cpp.llama_get_logits_ith(lctx, index)
+            return int(np.ctypeslib.as_array(ptr, shape=(vocab,)).argmax())
+
+        t0 = time.perf_counter()
+        decode([(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, tok in enumerate(p)])
+        last_rows = [sum(len(p) for p in prompts[: s + 1]) - 1 for s in range(n)]
+        tokens = [greedy(row) for row in last_rows]
+        for step in range(1, new_tokens):
+            decode([(tokens[s], len(prompts[s]) - 1 + step, s, True) for s in range(n)])
+            tokens = [greedy(s) for s in range(n)]
+        return n * new_tokens / (time.perf_counter() - t0)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(lctx)
+        llama_cpp.llama_model_free(model)
 
 
 # ---- entry points ------------------------------------------------------------------------------

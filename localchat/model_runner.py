@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
+
 import torch
 
 import kernels
@@ -21,8 +26,32 @@ def num_blocks_for_budget(hf_config, block_size: int, dtype: torch.dtype, budget
     return max(1, int(budget_bytes // kv_bytes_per_block(hf_config, block_size, dtype)))
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed activation buffers for reuse instead of handing them back to the kernel.
+
+    By default glibc serves allocations above ~128 KiB-32 MiB with fresh mmap pages and trims freed heap
+    memory, so every step's activations, logits and attention scratch land on new pages; on these VMs a
+    fresh page costs far more than the copy into it (first touch runs at 0.5-1.6 GB/s). Raising the mmap
+    threshold to its maximum (32 MiB) and the trim threshold out of reach cut the decode part of the
+    throughput bench by ~12% (benchmarks/NOTES.md). The KV pool is above the threshold and unaffected.
+    Process-wide and idempotent; a no-op where there is no glibc (returns False).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, hf_config, block_manager: BlockManager, dtype: torch.dtype, device: torch.device) -> None:
+        if torch.device(device).type == "cpu":
+            keep_freed_memory()
         self.model = model
         self.bm = block_manager
         self.dtype = dtype

@@ -31,13 +31,16 @@ case "$mode" in
         ;;
     test)
         # The browser UI's end-to-end test drives Debian's Chromium (never `playwright install`,
-        # which downloads a browser of its own).
-        if [ ! -x /usr/bin/chromium ]; then
+        # which downloads a browser of its own); the native CPU attention kernel's tests need g++.
+        missing=()
+        [ -x /usr/bin/chromium ] || missing+=(chromium)
+        command -v g++ >/dev/null 2>&1 || missing+=(g++)
+        if [ ${#missing[@]} -gt 0 ]; then
             sudo=()
             [ "$(id -u)" -eq 0 ] || sudo=(sudo)
             export DEBIAN_FRONTEND=noninteractive
             ${sudo[@]+"${sudo[@]}"} apt-get update -qq
-            ${sudo[@]+"${sudo[@]}"} apt-get install -y -qq chromium
+            ${sudo[@]+"${sudo[@]}"} apt-get install -y -qq "${missing[@]}"
         fi
         exec "$venv/bin/python" -m pytest "$@"
         ;;
