@@ -195,6 +195,24 @@ void attend_bf16(const uint16_t* query, const uint16_t* k_cache, const uint16_t*
 }
 #endif
 
+// Calls visit(t, row) for t in [0, context) with token t's row of this KV head converted to float32.
+template <class E, int D, class Visit>
+inline void for_each_row(const typename E::T* cache, const int32_t* table, int context, int kv_head,
+                         int64_t row_stride, int block_size, Visit visit) {
+    const int64_t block_stride = row_stride * block_size;
+    for (int start = 0, b = 0; start < context; start += block_size, ++b) {
+        const typename E::T* rows = cache + table[b] * block_stride + (int64_t)kv_head * D;
+        const int n = context - start < block_size ? context - start : block_size;
+        for (int i = 0; i < n; ++i) {
+            const typename E::T* r = rows + i * row_stride;
+            float f[D];
+#pragma omp simd
+            for (int d = 0; d < D; ++d) f[d] = E::load(r[d]);
+            visit(start + i, f);
+        }
+    }
+}
+
 // One (sequence, KV head): `group` query heads against `context` tokens.
 template <class E, int D>
 void attend(const typename E::T* query, const typename E::T* k_cache, const typename E::T* v_cache,
@@ -211,28 +229,19 @@ void attend(const typename E::T* query, const typename E::T* k_cache, const type
         for (int d = 0; d < D; ++d) q[g * D + d] = E::load(src[d]) * scale;
     }
     const int64_t row_stride = (int64_t)kv_heads * D;
-    const int64_t block_stride = row_stride * block_size;
 
     // Scores, and their maximum per head.
     float maxima[MAX_GROUP];
     for (int g = 0; g < group; ++g) maxima[g] = -INFINITY;
-    for (int start = 0, b = 0; start < context; start += block_size, ++b) {
-        const T* rows = k_cache + table[b] * block_stride + (int64_t)kv_head * D;
-        const int n = context - start < block_size ? context - start : block_size;
-        for (int i = 0; i < n; ++i) {
-            const T* k = rows + i * row_stride;
-            float kf[D];
-#pragma omp simd
-            for (int d = 0; d < D; ++d) kf[d] = E::load(k[d]);
-            for (int g = 0; g < group; ++g) {
-                float s = 0.0f;
+    for_each_row<E, D>(k_cache, table, context, kv_head, row_stride, block_size, [&](int t, const float* k) {
+        for (int g = 0; g < group; ++g) {
+            float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-                for (int d = 0; d < D; ++d) s += q[g * D + d] * kf[d];
-                scores[(int64_t)g * context + start + i] = s;
-                maxima[g] = s > maxima[g] ? s : maxima[g];
-            }
+            for (int d = 0; d < D; ++d) s += q[g * D + d] * k[d];
+            scores[(int64_t)g * context + t] = s;
+            maxima[g] = s > maxima[g] ? s : maxima[g];
         }
-    }
+    });
     // Softmax numerators and denominators.
     float sums[MAX_GROUP];
     for (int g = 0; g < group; ++g) {
@@ -251,21 +260,13 @@ void attend(const typename E::T* query, const typename E::T* k_cache, const type
     for (int g = 0; g < group; ++g)
 #pragma omp simd
         for (int d = 0; d < D; ++d) acc[g * D + d] = 0.0f;
-    for (int start = 0, b = 0; start < context; start += block_size, ++b) {
-        const T* rows = v_cache + table[b] * block_stride + (int64_t)kv_head * D;
-        const int n = context - start < block_size ? context - start : block_size;
-        for (int i = 0; i < n; ++i) {
-            const T* v = rows + i * row_stride;
-            float vf[D];
+    for_each_row<E, D>(v_cache, table, context, kv_head, row_stride, block_size, [&](int t, const float* v) {
+        for (int g = 0; g < group; ++g) {
+            const float p = scores[(int64_t)g * context + t];
 #pragma omp simd
-            for (int d = 0; d < D; ++d) vf[d] = E::load(v[d]);
-            for (int g = 0; g < group; ++g) {
-                const float p = scores[(int64_t)g * context + start + i];
-#pragma omp simd
-                for (int d = 0; d < D; ++d) acc[g * D + d] += p * vf[d];
-            }
+            for (int d = 0; d < D; ++d) acc[g * D + d] += p * v[d];
         }
-    }
+    });
     for (int g = 0; g < group; ++g) {
         T* dst = out + (int64_t)(kv_head * group + g) * D;
         const float inv = 1.0f / sums[g];
