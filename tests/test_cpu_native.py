@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import kernels
 from kernels import build_metadata, cpu_native, torch_ops
 from test_attention import run_case
 
