@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ class Sizes:
     hf_batch: int = 16
     decode_prompt: int = 32
     decode_tokens: int = 256
+    decode_repeats: int = 3  # each side's figure is the median of this many runs (one noisy run can't decide it)
     sharing_prompt: int = 1000
     sharing_tokens: int = 128
     multiturn_turns: int = 8
@@ -65,7 +67,7 @@ class Sizes:
         if name == "tiny":  # the smoke test's tiny model: seconds
             return cls(
                 num_requests=6, prompt_range=(4, 40), output_range=(2, 12), hf_batch=4, decode_prompt=8,
-                decode_tokens=8, sharing_prompt=40, sharing_tokens=6, multiturn_turns=3, multiturn_user_tokens=12,
+                decode_tokens=8, decode_repeats=1, sharing_prompt=40, sharing_tokens=6, multiturn_turns=3, multiturn_user_tokens=12,
                 multiturn_reply_tokens=4, kv_cache_gb=0.01, max_num_batched_tokens=64, batched_seqs=(2,),
                 batched_prompt=6, batched_tokens=4,
             )
@@ -406,36 +408,49 @@ def suite_decode(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -
     n = sizes.decode_tokens
     engine = ctx.engine(kv_cache_gb=0.1 if sizes.kv_cache_gb >= 0.1 else sizes.kv_cache_gb, enable_prefix_cache=False)
     _run_engine(engine, [(prompt, _params(4))])  # warm-up
-    req = engine.make_request(prompt_token_ids=prompt, params=_params(n))
-    engine.add(req)
-    stamps = []
-    while engine.has_unfinished():
-        engine.step()
-        stamps.append(time.perf_counter())
-    # stamps[0] ends the prefill step (which samples the first token); the rest are one token each.
-    ours = (n - 1) / (stamps[-1] - stamps[0])
-    ids_ours = req.seqs[0].output_token_ids
+
+    def ours_once() -> tuple[float, list[int]]:
+        req = engine.make_request(prompt_token_ids=prompt, params=_params(n))
+        engine.add(req)
+        stamps = []
+        while engine.has_unfinished():
+            engine.step()
+            stamps.append(time.perf_counter())
+        # stamps[0] ends the prefill step (which samples the first token); the rest are one token each.
+        return (n - 1) / (stamps[-1] - stamps[0]), req.seqs[0].output_token_ids
+
+    runs = [ours_once() for _ in range(sizes.decode_repeats)]
+    ours = statistics.median(r for r, _ in runs)
+    ids_ours = runs[0][1]
     del engine
     state["decode_ids_ours"] = ids_ours
+    details = report.details["decode"] = {"prompt_tokens": len(prompt), "tokens": n, "runs_ours": [r for r, _ in runs]}
     if ctx.hf_model is not None:
         pad = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None and ctx.tokenizer.pad_token_id is not None else 0
         hf_generate_batch(ctx.hf_model, [prompt], 4, pad)
-        t0 = time.perf_counter()
-        hf_generate_batch(ctx.hf_model, [prompt], 1, pad)
-        t1 = time.perf_counter()
-        ids_hf, _ = hf_generate_batch(ctx.hf_model, [prompt], n, pad)
-        t2 = time.perf_counter()
-        hf = (n - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
-        ids_hf = ids_hf[0].tolist()
+
+        def hf_once() -> tuple[float, list[int]]:
+            t0 = time.perf_counter()
+            hf_generate_batch(ctx.hf_model, [prompt], 1, pad)
+            t1 = time.perf_counter()
+            ids, _ = hf_generate_batch(ctx.hf_model, [prompt], n, pad)
+            t2 = time.perf_counter()
+            return (n - 1) / max((t2 - t1) - (t1 - t0), 1e-9), ids[0].tolist()
+
+        hf_runs = [hf_once() for _ in range(sizes.decode_repeats)]
+        hf = statistics.median(r for r, _ in hf_runs)
+        ids_hf = hf_runs[0][1]
         agree = next((i for i, (a, b) in enumerate(zip(ids_ours, ids_hf)) if a != b), min(len(ids_ours), len(ids_hf)))
-        report.details["decode"] = {"prompt_tokens": len(prompt), "tokens": n, "greedy_prefix_agreement": agree}
+        details.update({"runs_transformers": [r for r, _ in hf_runs], "greedy_prefix_agreement": agree})
         report.add("decode", "single-sequence decode", ours, hf, "transformers generate", "tok/s")
     else:
         report.add("decode", "single-sequence decode", ours, None, "", "tok/s")
     llama = _llama_cpp(ctx)
     if llama is not None:
         try:
-            report.add("decode", "single-sequence decode", ours, _llama_cpp_decode(llama, prompt, n), "llama.cpp (same GGUF)", "tok/s")
+            lc_runs = [_llama_cpp_decode(llama, prompt, n) for _ in range(sizes.decode_repeats)]
+            details["runs_llama_cpp"] = lc_runs
+            report.add("decode", "single-sequence decode", ours, statistics.median(lc_runs), "llama.cpp (same GGUF)", "tok/s")
         except Exception as exc:  # pragma: no cover
             report.skipped["decode/llama.cpp"] = f"{type(exc).__name__}: {exc}"
 
