@@ -41,6 +41,7 @@ _tried = False
 
 
 def enabled() -> bool:
+    """LOCALCHAT_NATIVE_KERNELS=0 keeps the PyTorch path; read once, when the kernel is first asked for."""
     return os.environ.get("LOCALCHAT_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no", "off")
 
 
@@ -93,11 +94,14 @@ def _build(compiler: str) -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it the first time; None if it can't be had."""
     global _library, _tried
-    if _tried or not enabled():
-        return _library if enabled() else None
+    if _tried:  # every layer of every step asks: answer from the first decision, without the environment
+        return _library
     with _lock:
         if _tried:
             return _library
+        if not enabled():
+            _tried = True
+            return None
         try:
             compiler = _compiler()
             if compiler is None:

@@ -606,70 +606,70 @@ def _llama_cpp_throughput(llama, work: list[tuple[list[int], int]]) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def _quiet_llama_cpp():
+    """llama.cpp logs every tensor it loads to stderr; its Python package mutes that this way."""
+    try:
+        from llama_cpp._utils import suppress_stdout_stderr  # type: ignore
+
+        return suppress_stdout_stderr(disable=False)
+    except ImportError:  # pragma: no cover
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
 def _llama_cpp_batched(gguf_path: str, prompts: list[list[int]], new_tokens: int) -> float:
     """llama.cpp's own batched decoding (one context, a sequence id per request, greedy): total tokens/s.
 
     llama-cpp-python's high-level API runs one sequence, so this drives the C API as llama.cpp's
     `batched` example does: one llama_decode for all prompts, then one per step with a token per sequence.
     """
+    import itertools
+
     import llama_cpp  # type: ignore
     import numpy as np
 
-    try:  # llama.cpp logs every tensor it loads to stderr; its Python package mutes that this way
-        from llama_cpp._utils import suppress_stdout_stderr  # type: ignore
-
-        quiet = suppress_stdout_stderr(disable=False)
-    except ImportError:  # pragma: no cover
-        from contextlib import nullcontext
-
-        quiet = nullcontext()
-    with quiet:
-        return _llama_cpp_batched_run(llama_cpp, np, gguf_path, prompts, new_tokens)
-
-
-def _llama_cpp_batched_run(llama_cpp, np, gguf_path: str, prompts: list[list[int]], new_tokens: int) -> float:
     n = len(prompts)
-    llama_cpp.llama_backend_init()
-    model_params = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(gguf_path.encode(), model_params)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
-    ctx_params = llama_cpp.llama_context_default_params()
-    ctx_params.n_ctx = sum(len(p) for p in prompts) + n * (new_tokens + 1)
-    ctx_params.n_batch = max(ctx_params.n_ctx, 512)
-    ctx_params.n_ubatch = 512
-    ctx_params.n_seq_max = n
-    ctx_params.n_threads = ctx_params.n_threads_batch = torch.get_num_threads()
-    lctx = llama_cpp.llama_init_from_model(model, ctx_params)
-    batch = llama_cpp.llama_batch_init(max(ctx_params.n_ctx, n), 0, 1)
-    try:
-        vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    with _quiet_llama_cpp():
+        llama_cpp.llama_backend_init()
+        model = llama_cpp.llama_model_load_from_file(gguf_path.encode(), llama_cpp.llama_model_default_params())
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = sum(len(p) for p in prompts) + n * (new_tokens + 1)
+        ctx_params.n_batch = max(ctx_params.n_ctx, 512)
+        ctx_params.n_ubatch = 512
+        ctx_params.n_seq_max = n
+        ctx_params.n_threads = ctx_params.n_threads_batch = torch.get_num_threads()
+        lctx = llama_cpp.llama_init_from_model(model, ctx_params)
+        batch = llama_cpp.llama_batch_init(max(ctx_params.n_ctx, n), 0, 1)
+        try:
+            vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
 
-        def decode(items: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
-            batch.n_tokens = len(items)
-            for i, (tok, pos, seq, logits) in enumerate(items):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = logits
-            if llama_cpp.llama_decode(lctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
+            def decode(items: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
+                batch.n_tokens = len(items)
+                for i, (tok, pos, seq, logits) in enumerate(items):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = logits
+                if llama_cpp.llama_decode(lctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
 
-        def greedy(index: int) -> int:
-            ptr = llama_cpp.llama_get_logits_ith(lctx, index)
-            return int(np.ctypeslib.as_array(ptr, shape=(vocab,)).argmax())
+            def greedy(index: int) -> int:
+                ptr = llama_cpp.llama_get_logits_ith(lctx, index)
+                return int(np.ctypeslib.as_array(ptr, shape=(vocab,)).argmax())
 
-        t0 = time.perf_counter()
-        decode([(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, tok in enumerate(p)])
-        last_rows = [sum(len(p) for p in prompts[: s + 1]) - 1 for s in range(n)]
-        tokens = [greedy(row) for row in last_rows]
-        for step in range(1, new_tokens):
-            decode([(tokens[s], len(prompts[s]) - 1 + step, s, True) for s in range(n)])
-            tokens = [greedy(s) for s in range(n)]
-        return n * new_tokens / (time.perf_counter() - t0)
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(lctx)
-        llama_cpp.llama_model_free(model)
+            t0 = time.perf_counter()
+            decode([(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, tok in enumerate(p)])
+            tokens = [greedy(end - 1) for end in itertools.accumulate(len(p) for p in prompts)]
+            for step in range(1, new_tokens):
+                decode([(tokens[s], len(prompts[s]) - 1 + step, s, True) for s in range(n)])
+                tokens = [greedy(s) for s in range(n)]
+            return n * new_tokens / (time.perf_counter() - t0)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_free(lctx)
+            llama_cpp.llama_model_free(model)
 
 
 # ---- entry points ------------------------------------------------------------------------------

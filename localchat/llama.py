@@ -24,6 +24,12 @@ from kernels import AttentionMetadata
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
+class UnsupportedModelError(ValueError):
+    """A model this forward does not run (another architecture, or a Llama variant it refuses on purpose).
+
+    A ValueError, so the CLI and the UI report it as bad input instead of crashing."""
+
+
 def rope_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling for config.rope_parameters, via transformers' own tables.
 
@@ -34,18 +40,25 @@ def rope_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     head_dim = config.head_dim
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    if partial != 1.0:
+        # Llama rotates the whole head; a config asking for less is another architecture's.
+        raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         scaling = 1.0
     elif rope_type == "longrope":
-        raise NotImplementedError("rope_type 'longrope' is not supported by localchat's Llama forward")
+        raise UnsupportedModelError(
+            "rope_type 'longrope' is not supported: it switches frequency tables with the batch's length, "
+            "so a reply would depend on what else is being generated"
+        )
     elif rope_type in ROPE_INIT_FUNCTIONS:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
     else:
-        raise NotImplementedError(f"unknown rope_type {rope_type!r}")
+        raise UnsupportedModelError(f"unknown rope_type {rope_type!r}")
     if inv_freq.numel() * 2 != head_dim:
-        raise NotImplementedError("partial rotary embeddings are not supported for Llama models")
+        raise UnsupportedModelError(f"rope_type {rope_type!r} gives {inv_freq.numel()} frequencies for head_dim {head_dim}")
     return inv_freq.float(), float(scaling)
 
 
@@ -96,6 +109,14 @@ class PackedLinear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
             self.stamp = stamp
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+
+def _should_pack(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Prepack for oneDNN where it pays and is exact: bfloat16 activations and weights on the CPU."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+        and _mkldnn_packing_available()
+    )
 
 
 def _linear_fn(linear_weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
@@ -159,10 +180,7 @@ class LlamaDecoderLayer(nn.Module):
     def _build_fast(self, x: torch.Tensor) -> tuple:
         # RMSNorm is inlined (same math as RMSNorm.forward). F.rms_norm normalizes bfloat16 input in
         # float32 and rounds once: bit-identical to float() -> 5-op norm -> to(dtype) (checked), 1 op not 7.
-        pack = (
-            x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.qkv_proj.weight.dtype == torch.bfloat16
-            and _mkldnn_packing_available()
-        )
+        pack = _should_pack(x, self.qkv_proj.weight)
         return (
             x.dtype,
             _linear_fn(self.qkv_proj.weight, self.qkv_proj.bias, pack),
@@ -193,22 +211,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class _Head:
-    def __init__(self, weight: torch.Tensor, pack: bool, dtype: torch.dtype) -> None:
-        self.weight, self.dtype = weight, dtype
-        self.fn = _linear_fn(weight, None, pack)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self, config: PretrainedConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> None:
         super().__init__()
         if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"model_type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         self.config = config
@@ -236,7 +245,7 @@ class LlamaForCausalLM(nn.Module):
         # A plain attribute, not a buffer: a later model.to(bfloat16) must not round the frequencies.
         self.inv_freq = inv_freq.to(self.device)
         self._share = False
-        self._head = None
+        self._head: tuple | None = None  # (weight, dtype, linear) of the LM head, rebuilt when either changes
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -273,12 +282,10 @@ class LlamaForCausalLM(nn.Module):
         if logits_indices is not None:
             # Norm and LM head only for the rows that are sampled: the head is the largest matmul.
             x = x.index_select(0, logits_indices)
-        head = self._head
         weight = self.lm_head_weight
-        if head is None or head.weight is not weight or head.dtype != x.dtype:
-            pack = x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _mkldnn_packing_available()
-            head = self._head = _Head(weight, pack, x.dtype)
-        return head(self.norm(x)).float()
+        if self._head is None or self._head[0] is not weight or self._head[1] != x.dtype:
+            self._head = (weight, x.dtype, _linear_fn(weight, None, _should_pack(x, weight)))
+        return self._head[2](self.norm(x)).float()
 
     # ---- weights -------------------------------------------------------------------------------
 

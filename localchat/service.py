@@ -45,48 +45,48 @@ class ChatService:
 
     def send(self, conversation_id: int, text: str, params: SamplingParams) -> Iterator[ChatEvent]:
         """Add a user message under the current leaf and stream the assistant's reply."""
-        path = self.store.current_path(conversation_id)
-        user = self._add_user(conversation_id, path, text, parent_id=path[-1].id if path else None)
-        yield from self._reply(conversation_id, path + [user], params)
+        yield from self._reply(*self._sent(conversation_id, text), params)
 
     def edit(self, user_message_id: int, text: str, params: SamplingParams) -> Iterator[ChatEvent]:
         """A new sibling of a user message with new text, and a reply to it."""
-        original = self.store.get_message(user_message_id)
-        if original.role != "user":
-            raise ValueError(f"message {user_message_id} is a {original.role} message; only user messages are edited")
-        path = self.store.path(original.parent_id) if original.parent_id is not None else []
-        user = self._add_user(original.conversation_id, path, text, parent_id=original.parent_id)
-        yield from self._reply(original.conversation_id, path + [user], params)
+        yield from self._reply(*self._edited(user_message_id, text), params)
 
     def regenerate(self, assistant_message_id: int, params: SamplingParams) -> Iterator[ChatEvent]:
         """A new reply as a sibling of an assistant message: the same prompt, all from cache."""
-        original = self.store.get_message(assistant_message_id)
-        if original.role != "assistant" or original.parent_id is None:
-            raise ValueError(f"message {assistant_message_id} is not an assistant reply")
-        yield from self._reply(original.conversation_id, self.store.path(original.parent_id), params)
+        yield from self._reply(*self._regenerated(assistant_message_id), params)
 
     # ------------------------------------------------------- n samples side by side
     def send_samples(self, conversation_id: int, text: str, params: SamplingParams) -> Iterator[list[ChatEvent]]:
         """Like `send`, but stream all `params.n` samples; each is saved as a sibling reply."""
-        path = self.store.current_path(conversation_id)
-        user = self._add_user(conversation_id, path, text, parent_id=path[-1].id if path else None)
-        yield from self._reply_samples(conversation_id, path + [user], params)
+        yield from self._reply_samples(*self._sent(conversation_id, text), params)
 
     def edit_samples(self, user_message_id: int, text: str, params: SamplingParams) -> Iterator[list[ChatEvent]]:
         """Like `edit`, with all `params.n` samples saved as sibling replies."""
+        yield from self._reply_samples(*self._edited(user_message_id, text), params)
+
+    def regenerate_samples(self, assistant_message_id: int, params: SamplingParams) -> Iterator[list[ChatEvent]]:
+        """Like `regenerate`, with all `params.n` samples saved as new sibling replies."""
+        yield from self._reply_samples(*self._regenerated(assistant_message_id), params)
+
+    # ----------------------------------------------- where a reply goes: (conversation, path to reply to)
+    def _sent(self, conversation_id: int, text: str) -> tuple[int, list[Message]]:
+        path = self.store.current_path(conversation_id)
+        user = self._add_user(conversation_id, path, text, parent_id=path[-1].id if path else None)
+        return conversation_id, path + [user]
+
+    def _edited(self, user_message_id: int, text: str) -> tuple[int, list[Message]]:
         original = self.store.get_message(user_message_id)
         if original.role != "user":
             raise ValueError(f"message {user_message_id} is a {original.role} message; only user messages are edited")
         path = self.store.path(original.parent_id) if original.parent_id is not None else []
         user = self._add_user(original.conversation_id, path, text, parent_id=original.parent_id)
-        yield from self._reply_samples(original.conversation_id, path + [user], params)
+        return original.conversation_id, path + [user]
 
-    def regenerate_samples(self, assistant_message_id: int, params: SamplingParams) -> Iterator[list[ChatEvent]]:
-        """Like `regenerate`, with all `params.n` samples saved as new sibling replies."""
+    def _regenerated(self, assistant_message_id: int) -> tuple[int, list[Message]]:
         original = self.store.get_message(assistant_message_id)
         if original.role != "assistant" or original.parent_id is None:
             raise ValueError(f"message {assistant_message_id} is not an assistant reply")
-        yield from self._reply_samples(original.conversation_id, self.store.path(original.parent_id), params)
+        return original.conversation_id, self.store.path(original.parent_id)
 
     # ------------------------------------------------------------------ prompts
     def _system(self, conversation_id: int) -> list[dict]:

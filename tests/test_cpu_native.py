@@ -9,10 +9,15 @@ import math
 import pytest
 import torch
 
+from conftest import skip_or_fail
 from kernels import build_metadata, cpu_native, torch_ops
 from test_attention import run_case
 
-pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler to build the native kernel")
+
+@pytest.fixture(autouse=True)
+def native_kernel_built():
+    if cpu_native.library() is None:
+        skip_or_fail("the native kernel could not be built (no C++ compiler? install g++)")
 
 
 @pytest.fixture
@@ -116,6 +121,8 @@ def test_without_a_compiler_the_pytorch_path_takes_over(monkeypatch, tmp_path, c
 
 
 def test_disabled_by_environment(monkeypatch, native_calls):
+    monkeypatch.setattr(cpu_native, "_library", None)
+    monkeypatch.setattr(cpu_native, "_tried", False)  # a fresh process: the setting is read on first use
     monkeypatch.setenv("LOCALCHAT_NATIVE_KERNELS", "0")
     assert cpu_native.library() is None
     run_case([5, 40], [1, 1], 16, kv_heads=3, group=3, head_dim=64, atol=1e-5)

@@ -198,5 +198,27 @@ def test_load_rejects_missing_and_unknown_tensors():
 def test_unsupported_model_type():
     from transformers import MistralConfig
 
-    with pytest.raises(NotImplementedError, match="mistral"):
+    from localchat.llama import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="mistral"):
         LlamaForCausalLM(MistralConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=8))
+
+
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [1.0] * 8,
+          "original_max_position_embeddings": 64}, "longrope"),
+        ({"rope_type": "no-such-rope", "rope_theta": 10000.0}, "no-such-rope"),
+        ({"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, "partial rotary"),
+    ],
+)
+def test_refused_rope_variants_are_clear_value_errors(rope, message):
+    from localchat.llama import UnsupportedModelError, rope_inv_freq
+    from localchat.models import tiny_llama_config
+
+    config = tiny_llama_config()
+    config.rope_parameters = rope
+    with pytest.raises(UnsupportedModelError, match=message) as err:
+        rope_inv_freq(config)
+    assert isinstance(err.value, ValueError)

@@ -5,22 +5,14 @@ from __future__ import annotations
 import pytest
 
 from localchat.chat_format import encode, render
-from localchat.driver import EngineDriver
 from localchat.sampling_params import SamplingParams
-from localchat.service import ChatService
-from localchat.store import Store
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture
-def service(tiny_engine, tmp_path):
-    engine = tiny_engine(num_blocks=1024, block_size=8)
-    driver = EngineDriver(engine)
-    store = Store(tmp_path / "chats.db")
-    yield ChatService(driver, store)
-    driver.shutdown()
-    store.close()
+def service(chat_service):
+    return chat_service(num_blocks=1024)
 
 
 def test_turns_are_saved_with_exact_ids_and_hit_the_prefix_cache(service):

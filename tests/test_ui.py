@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import socket
 import subprocess
@@ -15,9 +14,7 @@ from pathlib import Path
 import pytest
 
 from localchat.block_manager import BlockManager
-from localchat.driver import EngineDriver
 from localchat.sampling_params import SamplingParams
-from localchat.service import ChatService
 from localchat.store import Store
 from localchat.ui.memory_panel import render_memory_html
 from localchat.ui.render import chat_messages, conversation_choices, params_from_ui, safe_markdown
@@ -157,13 +154,8 @@ def test_good_sampling_values():
 
 # --------------------------------------------------------------- n samples
 @pytest.fixture
-def service(tiny_engine, tmp_path):
-    engine = tiny_engine(num_blocks=512, block_size=8)
-    driver = EngineDriver(engine)
-    store = Store(tmp_path / "chats.db")
-    yield ChatService(driver, store)
-    driver.shutdown()
-    store.close()
+def service(chat_service):
+    return chat_service(num_blocks=512)
 
 
 def test_send_samples_saves_each_sample_as_a_sibling(service):
@@ -219,31 +211,22 @@ def _free_port() -> int:
 @pytest.fixture
 def chromium():
     if not Path(CHROMIUM).exists():
-        reason = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
     return CHROMIUM
 
 
 @pytest.fixture
-def running_app(smol_tokenizer, tmp_path):
-    from conftest import make_tiny_engine
-
+def running_app(chat_service):
     from localchat.ui.app import build_ui, launch
 
-    engine = make_tiny_engine(smol_tokenizer, num_blocks=256, block_size=16)
-    driver = EngineDriver(engine)
-    store = Store(tmp_path / "ui.db")
-    demo = build_ui(ChatService(driver, store))
+    service = chat_service(num_blocks=256, block_size=16)
+    demo = build_ui(service)
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/", store
+        yield f"http://127.0.0.1:{port}/", service.store
     finally:
         demo.close()
-        driver.shutdown()
-        store.close()
 
 
 def test_browser_chat_regenerate_branches_samples_and_memory(chromium, running_app):
