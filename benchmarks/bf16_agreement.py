@@ -13,9 +13,10 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from localchat.engine import Engine, EngineConfig
-from localchat.models import load_model
-from localchat.sampling_params import SamplingParams
+from localchat.engine.engine import Engine, EngineConfig
+from localchat.model.chat_template import prompt_ids
+from localchat.model.loader import load_model
+from localchat.engine.sampling_params import SamplingParams
 
 PROMPTS = [
     "Why is the sky blue?",
@@ -35,10 +36,10 @@ PROMPTS = [
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 48
 dtype = torch.bfloat16
 lm = load_model(None, dtype=dtype)
-engine = Engine(lm.model, lm.config, lm.tokenizer, dtype=dtype, config=EngineConfig(kv_cache_gb=0.25), eos_token_ids=lm.eos_token_ids)
+engine = Engine.from_loaded(lm, EngineConfig(kv_cache_gb=0.25))
 hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=dtype).eval()
 hf32 = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
-prompts = [engine.tokenize_messages([{"role": "user", "content": p}]) for p in PROMPTS]
+prompts = [prompt_ids(lm.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
 outs = engine.generate(prompt_token_ids=prompts, params=SamplingParams(max_tokens=n, temperature=0.0))
 eos = set(lm.eos_token_ids)
 

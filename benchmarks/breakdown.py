@@ -6,8 +6,8 @@ import sys, time
 import torch
 import torch.nn.functional as F
 import kernels
-from localchat.models import load_model
-from localchat.llama import apply_rotary
+from localchat.model.loader import load_model
+from localchat.model.llama import apply_rotary
 
 dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "bfloat16")
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 1

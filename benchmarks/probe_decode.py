@@ -1,15 +1,15 @@
 """Quick probe: single-sequence decode, ours vs transformers, one dtype."""
 import sys, time, os
 import torch
-from localchat.engine import Engine, EngineConfig
-from localchat.sampling_params import SamplingParams
-from localchat.models import load_model
+from localchat.engine.engine import Engine, EngineConfig
+from localchat.engine.sampling_params import SamplingParams
+from localchat.model.loader import load_model
 from transformers import AutoModelForCausalLM
 
 dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "bfloat16")
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 lm = load_model(None, dtype=dtype)
-eng = Engine(lm.model, lm.config, lm.tokenizer, dtype=dtype, config=EngineConfig(kv_cache_gb=0.25), eos_token_ids=lm.eos_token_ids)
+eng = Engine.from_loaded(lm, EngineConfig(kv_cache_gb=0.25))
 ids = eng.encode("Write a long story about a dragon who learns to cook." * 3)
 p = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
 eng.generate(prompt_token_ids=[ids], params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))

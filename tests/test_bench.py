@@ -12,19 +12,17 @@ import torch
 def tiny_ctx(smol_tokenizer):
     from transformers import LlamaForCausalLM as HFLlama
 
-    from localchat.bench import BenchContext
-    from localchat.models import build_model_from_hf, tiny_llama_config
+    from helpers.tiny import loaded_from_hf, tiny_llama_config
+    from localchat.bench.workloads import BenchContext
 
     torch.manual_seed(0)
     tok = smol_tokenizer
     hf = HFLlama(tiny_llama_config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).eval()
-    model = build_model_from_hf(hf, dtype=torch.float32, device="cpu")
-    return BenchContext(model=model, hf_config=hf.config, tokenizer=tok, dtype=torch.float32, device=torch.device("cpu"),
-                        eos_token_ids=[tok.eos_token_id], hf_model=hf, model_name="tiny")
+    return BenchContext(loaded=loaded_from_hf(hf, tok), hf_model=hf)
 
 
 def test_bench_all_suites_tiny(tiny_ctx):
-    from localchat.bench import SUITES, Sizes, run_bench
+    from localchat.bench.suites import SUITES, Sizes, run_bench
 
     sizes = Sizes.preset("tiny")
     report = run_bench(tiny_ctx, list(SUITES), sizes)
@@ -73,7 +71,7 @@ def test_bench_cli_registered():
 
 
 def test_workload_is_seeded_and_spread():
-    from localchat.bench import Sizes, make_workload
+    from localchat.bench.workloads import Sizes, make_workload
 
     sizes = Sizes.preset("full")
     a, b = make_workload(sizes, 49152), make_workload(sizes, 49152)

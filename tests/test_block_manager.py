@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from localchat.block_manager import BlockManager, BlockManagerError, OutOfBlocks
+from localchat.engine.block_manager import BlockManager, BlockManagerError, OutOfBlocks
 
 
 def toks(start: int, n: int) -> list[int]:

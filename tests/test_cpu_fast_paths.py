@@ -46,7 +46,7 @@ def test_split_groups_cover_every_row_once():
 
 
 def test_packed_linear_matches_and_follows_weight_changes():
-    from localchat.llama import PackedLinear, _mkldnn_packing_available
+    from localchat.model.llama import PackedLinear, _mkldnn_packing_available
 
     if not _mkldnn_packing_available():
         skip_or_fail("oneDNN weight packing not available in this torch build")
@@ -67,8 +67,8 @@ def test_packed_linear_matches_and_follows_weight_changes():
 def test_bf16_forward_uses_packed_path_and_matches_plain_path(monkeypatch):
     """Our bf16 model with packed linears gives the same logits as with ATen's linear (to bf16 rounding)."""
     import kernels
-    from localchat import llama as llama_mod
-    from localchat.models import build_model_from_hf, tiny_llama_config
+    from localchat.model import llama as llama_mod
+    from helpers.tiny import build_model_from_hf, tiny_llama_config
     from transformers import LlamaForCausalLM as HFLlama
 
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaForCausalLM as HFLlama
 
 from kernels import build_metadata
-from localchat.llama import LlamaForCausalLM
-from localchat.models import build_model_from_hf, tiny_llama_config
+from localchat.model.llama import LlamaForCausalLM
+from helpers.tiny import build_model_from_hf, tiny_llama_config
 
 ATOL = 1e-4
 
@@ -198,7 +198,7 @@ def test_load_rejects_missing_and_unknown_tensors():
 def test_unsupported_model_type():
     from transformers import MistralConfig
 
-    from localchat.llama import UnsupportedModelError
+    from localchat.model.llama import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="mistral"):
         LlamaForCausalLM(MistralConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=8))
@@ -214,8 +214,8 @@ def test_unsupported_model_type():
     ],
 )
 def test_refused_rope_variants_are_clear_value_errors(rope, message):
-    from localchat.llama import UnsupportedModelError, rope_inv_freq
-    from localchat.models import tiny_llama_config
+    from localchat.model.llama import UnsupportedModelError, rope_inv_freq
+    from helpers.tiny import tiny_llama_config
 
     config = tiny_llama_config()
     config.rope_parameters = rope

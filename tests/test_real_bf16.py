@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import kernels
-from localchat.engine import Engine, EngineConfig
-from localchat.models import load_model
-from localchat.sampling_params import SamplingParams
+from localchat.engine.engine import Engine, EngineConfig
+from localchat.model.chat_template import prompt_ids
+from localchat.model.loader import load_model
+from localchat.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +31,9 @@ def bf16():
     from transformers import AutoModelForCausalLM
 
     loaded = load_model(None, dtype=torch.bfloat16, device="cpu")
-    engine = Engine(loaded.model, loaded.config, loaded.tokenizer, dtype=torch.bfloat16,
-                    config=EngineConfig(kv_cache_gb=0.1), eos_token_ids=loaded.eos_token_ids)
+    engine = Engine.from_loaded(loaded, EngineConfig(kv_cache_gb=0.1))
     reference = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.bfloat16).eval()
-    prompts = [engine.tokenize_messages([{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = [prompt_ids(loaded.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
     return loaded, engine, reference, prompts
 
 

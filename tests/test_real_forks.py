@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from localchat.chat_format import continuation_ids, encode, render
-from localchat.engine import Engine, EngineConfig
-from localchat.sampling_params import SamplingParams
+from localchat.model.chat_template import continuation_ids, encode, render
+from localchat.engine.engine import Engine, EngineConfig
+from localchat.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ LONG_TEXT = " ".join(
 
 def engine_for(smol, **kwargs) -> Engine:
     config = EngineConfig(**{"num_blocks": 1024, **kwargs})
-    return Engine(smol.model, smol.config, smol.tokenizer, dtype=torch.float32, config=config, eos_token_ids=smol.eos_token_ids)
+    return Engine.from_loaded(smol, config)
 
 
 def test_n4_samples_of_a_1000_token_prompt_share_it(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from localchat.engine import Engine, EngineConfig
-from localchat.sampling_params import SamplingParams
+from localchat.engine.engine import Engine, EngineConfig
+from localchat.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def chat_prompts(smol):
-    from localchat.chat_format import encode, render
+    from localchat.model.chat_template import encode, render
 
     prompts = [encode(smol.tokenizer, render(smol.tokenizer, m, add_generation_prompt=True)) for m in CHATS]
     assert max(len(p) for p in prompts) > 1000
@@ -63,14 +63,7 @@ def reference_ids(smol, smol_reference, chat_prompts):
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 def test_greedy_ids_equal_transformers_generate(smol, chat_prompts, reference_ids, block_size):
-    engine = Engine(
-        smol.model,
-        smol.config,
-        smol.tokenizer,
-        dtype=torch.float32,
-        config=EngineConfig(block_size=block_size, num_blocks=4096 // block_size * 2),
-        eos_token_ids=smol.eos_token_ids,
-    )
+    engine = Engine.from_loaded(smol, EngineConfig(block_size=block_size, num_blocks=4096 // block_size * 2))
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
     outputs = engine.generate(prompt_token_ids=chat_prompts, params=params)
     assert sum(len(r) == NEW_TOKENS for r in reference_ids) >= 4, [len(r) for r in reference_ids]
@@ -80,7 +73,7 @@ def test_greedy_ids_equal_transformers_generate(smol, chat_prompts, reference_id
 
 
 def test_chat_reply_is_sensible(smol):
-    engine = Engine(smol.model, smol.config, smol.tokenizer, dtype=torch.float32, config=EngineConfig(num_blocks=256), eos_token_ids=smol.eos_token_ids)
+    engine = Engine.from_loaded(smol, EngineConfig(num_blocks=256))
     out = engine.generate(["What is the capital of France?"], SamplingParams(temperature=0, max_tokens=32))[0].outputs[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"

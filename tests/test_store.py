@@ -1,4 +1,4 @@
-"""Tests for localchat.store (conversation trees in SQLite) and the `chats` CLI."""
+"""Tests for localchat.chat.store (conversation trees in SQLite) and the `chats` CLI."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from localchat import store as store_mod
-from localchat.chats_cli import add_chats_parser, main as chats_main, run_chats
-from localchat.store import (
+from localchat.chat.store import schema as store_schema
+from localchat.cli import main as localchat_main
+from localchat.cli.chats import add_chats_parser, run_chats
+from localchat.chat.store import (
     APPLICATION_ID,
     CURRENT,
     SCHEMA_VERSION,
@@ -34,6 +35,7 @@ from localchat.store import (
     NotFoundError,
     NotOurDatabaseError,
     SchemaVersionError,
+    Siblings,
     Store,
     StoreError,
     default_db_path,
@@ -44,6 +46,16 @@ WORKER = Path(__file__).resolve().parent / "helpers" / "store_worker.py"
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def chats_main(argv):
+    return localchat_main(["chats", *argv])
+
+
+def add_sibling(store, message_id, content, **fields):
+    """A new sibling of a message, as ChatService adds an edit or a regenerate; it becomes current."""
+    original = store.get_message(message_id)
+    return store.append_message(original.conversation_id, original.parent_id, original.role, content, **fields)
 
 
 @pytest.fixture
@@ -83,8 +95,8 @@ def conversation_with_branches(store: Store):
         sampling={"temperature": 0.7, "top_p": 0.9}, finish_reason="stop",
         prompt_tokens=3, generated_tokens=2, ttft_s=0.125, tokens_per_s=31.5,
     )
-    a2 = store.regenerate(a1.id, "Hello there!", token_ids=[6, 7, 8], model="smollm2")
-    u1e = store.edit_message(u1.id, "Hello, world", token_ids=[1, 2, 9])
+    a2 = add_sibling(store, a1.id, "Hello there!", token_ids=[6, 7, 8], model="smollm2", finish_reason="stop")
+    u1e = add_sibling(store, u1.id, "Hello, world", token_ids=[1, 2, 9])
     a3 = store.append_message(c.id, u1e.id, "assistant", "Hi, world.", token_ids=[10], finish_reason="length")
     u2 = store.append_message(c.id, a3.id, "user", "¿Qué tal? 🙂 \"quotes\" \\ back\nslash", token_ids=[2**40, 0])
     a4 = store.append_message(c.id, u2.id, "assistant", "Bien.", token_ids=[])
@@ -199,7 +211,7 @@ def test_migrations_run_in_order_once_and_roll_back_on_failure(db_path, monkeypa
         conn.execute("CREATE TABLE half_done (x)")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(store_mod, "_MIGRATIONS", [*store_mod._MIGRATIONS, broken])
+    monkeypatch.setattr(store_schema, "_MIGRATIONS", [*store_schema._MIGRATIONS, broken])
     before = dump(db_path)
     with pytest.raises(RuntimeError, match="migration bug"):
         Store(db_path)
@@ -211,7 +223,7 @@ def test_migrations_run_in_order_once_and_roll_back_on_failure(db_path, monkeypa
         calls.append(1)
         conn.execute("ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
 
-    monkeypatch.setattr(store_mod, "_MIGRATIONS", [store_mod._migrate_to_v1, add_pinned])
+    monkeypatch.setattr(store_schema, "_MIGRATIONS", [store_schema._migrate_to_v1, add_pinned])
     with Store(db_path) as s:
         assert s.db.execute("PRAGMA user_version").fetchone()[0] == 2
         assert "pinned" in s.db["conversations"].columns_dict
@@ -403,24 +415,20 @@ def test_siblings_switch_edit_and_regenerate(store):
     assert [x.id for x in path][-1] == m["a4"].id
 
     # Edit: a new user sibling, same parent, becomes current; the original is untouched.
-    e = store.edit_message(m["u2"].id, "edited", token_ids=[42])
+    e = add_sibling(store, m["u2"].id, "edited", token_ids=[42])
     assert (e.parent_id, e.role, e.content, e.token_ids) == (m["a3"].id, "user", "edited", [42])
     assert store.siblings(e.id).ids == (m["u2"].id, e.id)
     assert store.get_message(m["u2"].id) == m["u2"]
     assert store.get_conversation(c.id).current_leaf_id == e.id
 
     # Regenerate: a new assistant sibling with its own stats, becomes current.
-    r = store.regenerate(m["a3"].id, "again", token_ids=[11, 12], finish_reason="stop", generated_tokens=2)
+    r = add_sibling(store, m["a3"].id, "again", token_ids=[11, 12], finish_reason="stop", generated_tokens=2)
     assert (r.parent_id, r.role, r.generated_tokens) == (m["u1e"].id, "assistant", 2)
     assert store.siblings(r.id).ids == (m["a3"].id, r.id)
     assert store.current_path(c.id)[-1].id == r.id
     assert store.get_message(m["a3"].id) == m["a3"]
     assert store.get_conversation(c.id).message_count == 9
 
-    with pytest.raises(InvalidInputError, match="only user messages are edited"):
-        store.edit_message(m["a1"].id, "no")
-    with pytest.raises(InvalidInputError, match="only assistant replies are regenerated"):
-        store.regenerate(m["u1"].id, "no")
 
 
 def test_deep_chain_through_the_per_message_api(store):
@@ -440,9 +448,9 @@ def test_deep_chain_through_the_per_message_api(store):
     assert [m.id for m in path] == ids
     assert [t for m in path for t in m.token_ids] == list(range(2000))
     assert [m.id for m in store.path(ids[999])] == ids[:1000]
-    assert store.siblings(ids[1500]) == store_mod.Siblings(ids=(ids[1500],), index=0)
+    assert store.siblings(ids[1500]) == Siblings(ids=(ids[1500],), index=0)
     # A branch near the root: switching back to the original root goes to the deep leaf.
-    side = store.edit_message(ids[0], "other first turn")
+    side = add_sibling(store, ids[0], "other first turn")
     assert store.siblings(side.id).index == 1
     assert [m.id for m in store.current_path(c.id)] == [side.id]
     assert store.switch_branch(ids[0])[-1].id == ids[-1]
@@ -455,7 +463,7 @@ def test_wide_tree_thousands_of_siblings(store):
     u = store.append_message(c.id, None, "user", "pick a number")
     first = store.append_message(c.id, u.id, "assistant", "0", token_ids=[0])
     with store.transaction():  # per-message API, one commit
-        regenerated = [store.regenerate(first.id, str(i), token_ids=[i]).id for i in range(1, 2500)]
+        regenerated = [add_sibling(store, first.id, str(i), token_ids=[i], finish_reason="stop").id for i in range(1, 2500)]
     all_ids = (first.id, *regenerated)
     s = store.siblings(regenerated[1233])
     assert s.ids == all_ids and s.index == 1234 and s.count == 2500
@@ -685,8 +693,6 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(store, db_path):
         (NotFoundError, f"no message with id {missing}", lambda: store.path(missing)),
         (NotFoundError, f"no message with id {missing}", lambda: store.siblings(missing)),
         (NotFoundError, f"no message with id {missing}", lambda: store.switch_branch(missing)),
-        (NotFoundError, f"no message with id {missing}", lambda: store.edit_message(missing, "x")),
-        (NotFoundError, f"no message with id {missing}", lambda: store.regenerate(missing, "x")),
         (NotFoundError, f"no message with id {missing}", lambda: store.append_message(c.id, missing, "user", "x")),
         (InvalidInputError, f"parent message {om['a4'].id} belongs to conversation {other.id}",
          lambda: store.append_message(c.id, om["a4"].id, "user", "x")),
@@ -979,7 +985,7 @@ def test_cli_as_a_module_in_a_subprocess(db_path, tmp_path):
         c, _ = conversation_with_branches(s)
         expected = s.export_json(c.id)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "localchat.chats_cli", "--db", str(db_path), *a],
+    run = lambda *a: subprocess.run([sys.executable, "-m", "localchat", "chats", "--db", str(db_path), *a],
                                     capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     result = run("export", str(c.id), "--format", "json")
     assert result.returncode == 0 and result.stdout == expected

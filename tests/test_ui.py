@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from localchat.block_manager import BlockManager
-from localchat.sampling_params import SamplingParams
-from localchat.store import Store
+from conftest import skip_or_fail
+from localchat.engine.block_manager import BlockManager
+from localchat.engine.sampling_params import SamplingParams
+from localchat.chat.store import Store
 from localchat.ui.memory_panel import render_memory_html
 from localchat.ui.render import chat_messages, conversation_choices, params_from_ui, safe_markdown
 
@@ -161,7 +162,7 @@ def service(chat_service):
 def test_send_samples_saves_each_sample_as_a_sibling(service):
     conv = service.new_conversation()
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=10, ignore_eos=True, n=3)
-    updates = list(service.send_samples(conv.id, "Name a color", params))
+    updates = list(service.send(conv.id, "Name a color", params))
     final = updates[-1]
     assert len(final) == 3 and all(e.finished and e.generated_tokens == 10 for e in final)
     ids = [e.message_id for e in final]
@@ -174,7 +175,7 @@ def test_send_samples_saves_each_sample_as_a_sibling(service):
         assert m.content == event.text and len(m.token_ids) == 10 and m.finish_reason == "length"
     assert len({service.store.get_message(i).content for i in ids}) > 1
     # all samples share the prompt's blocks: a regenerate of n=2 adds two more siblings
-    again = list(service.regenerate_samples(ids[1], params.with_(n=2)))[-1]
+    again = list(service.regenerate(ids[1], params.with_(n=2)))[-1]
     assert service.store.siblings(again[0].message_id).count == 5
     assert again[0].prefix_hit_tokens > 0
     assert service.driver.call(lambda e: e.block_manager.figures().blocks_used) == 0

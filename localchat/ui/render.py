@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from localchat.sampling_params import SamplingParams
+from localchat.engine.sampling_params import SamplingParams
 
 # Fenced code blocks (``` or ~~~) and inline code spans: markdown shows their content as text.
 _CODE = re.compile(r"(^|\n)(```|~~~)[^\n]*\n.*?(\n\2[^\n]*(?=\n|$)|$)|(`+)(?!`).+?(?<!`)\4(?!`)", re.S)
@@ -57,7 +57,7 @@ def title_from_message(text: str) -> str:
 
 
 def branch_label(role: str, position: int, index: int, count: int) -> str:
-    """Text for the branch navigator, e.g. 'Reply #4: 2/3' (index is 0-based)."""
+    """Text for the branch navigator, e.g. 'Reply #4: branch 2/3' (index is 0-based)."""
     what = "Reply" if role == "assistant" else "Message"
     return f"{what} #{position + 1}: branch {index + 1}/{count}"
 

@@ -1,0 +1,21 @@
+"""The engine layer: paged KV blocks (block_pool, block_manager), sequences and their scheduling,
+sampling, the model runner, and the Engine with its background driver. It knows token sequences,
+forks and prefixes; nothing of conversations."""
+
+from localchat.engine.driver import EngineDriver, RequestStream
+from localchat.engine.engine import Engine, EngineConfig, Request, RequestError
+from localchat.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from localchat.engine.sampling_params import SamplingParams
+
+__all__ = [
+    "CompletionOutput",
+    "Engine",
+    "EngineConfig",
+    "EngineDriver",
+    "Request",
+    "RequestError",
+    "RequestMetrics",
+    "RequestOutput",
+    "RequestStream",
+    "SamplingParams",
+]

@@ -1,0 +1,451 @@
+"""The engine: requests in, one batched step at a time, text deltas out.
+
+It knows nothing of conversations: a request is a token sequence (or chat messages, tokenized
+with the model's template) plus sampling parameters. Everything runs on the caller's thread;
+`localchat.engine.driver.EngineDriver` runs it on a background thread for the UI and the CLI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from localchat import settings
+from localchat.engine import detokenizer
+from localchat.engine.block_manager import BlockManager
+from localchat.engine.model_runner import ModelRunner, num_blocks_for_budget
+from localchat.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from localchat.engine.sampler import sample
+from localchat.engine.sampling_params import SamplingParams
+from localchat.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from localchat.engine.sequence import Sequence
+from localchat.model import chat_template
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (empty, too long, ...); the engine stays usable."""
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = settings.DEFAULT_BLOCK_SIZE
+    kv_cache_gb: float | None = None  # default: settings.DEFAULT_CPU_KV_CACHE_GB on the CPU, a share of free memory on CUDA
+    gpu_memory_fraction: float = settings.DEFAULT_GPU_MEMORY_FRACTION
+    num_blocks: int | None = None  # overrides kv_cache_gb
+    max_num_seqs: int = settings.DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = settings.DEFAULT_MAX_NUM_BATCHED_TOKENS
+    enable_prefix_cache: bool = True
+    max_model_len: int | None = None  # default: the model's context length
+    watermark: float = 0.01
+    seed: int | None = None  # for unseeded sampled requests
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
+        if not 0 < self.gpu_memory_fraction < 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction!r}")
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+    beam: object | None = None  # localchat.engine.beam_search.BeamSearch for beam requests
+    aborted: bool = False
+    # Continue from the live sequence of this request (sharing its blocks), then prompt_token_ids.
+    fork_from: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
+        return bool(self.seqs) and all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        hf_config,
+        tokenizer,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        config: EngineConfig | None = None,
+        model_name: str = "",
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.model_name = model_name
+        self.hf_config = hf_config
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.device = torch.device(device)
+        num_blocks = self.config.num_blocks or num_blocks_for_budget(
+            hf_config, self.config.block_size, dtype, self._kv_budget_bytes()
+        )
+        # The scheduler owns the block manager from here on; the engine reads figures through it.
+        self.scheduler = Scheduler(
+            BlockManager(
+                num_blocks,
+                self.config.block_size,
+                watermark=self.config.watermark,
+                enable_prefix_cache=self.config.enable_prefix_cache,
+            ),
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+        )
+        self.runner = ModelRunner(model, hf_config, num_blocks, self.config.block_size, dtype, self.device)
+        self.max_model_len = self.config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
+        self.eos_token_ids = set(eos_token_ids) if eos_token_ids else _eos_ids(hf_config, tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._generator = torch.Generator()
+        if self.config.seed is not None:
+            self._generator.manual_seed(self.config.seed)
+        self.steps = 0
+
+    @property
+    def block_manager(self) -> BlockManager:
+        """The scheduler's block manager, for figures, snapshots and invariant checks (read it; don't drive it)."""
+        return self.scheduler.block_manager
+
+    def _kv_budget_bytes(self) -> float:
+        if self.config.kv_cache_gb is not None:
+            return self.config.kv_cache_gb * 2**30
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free * self.config.gpu_memory_fraction
+        return settings.DEFAULT_CPU_KV_CACHE_GB * 2**30
+
+    @classmethod
+    def from_loaded(cls, loaded, config: EngineConfig | None = None) -> "Engine":
+        """The one way to build an engine on a loaded model (localchat.model.LoadedModel)."""
+        return cls(
+            loaded.model,
+            loaded.config,
+            loaded.tokenizer,
+            dtype=loaded.dtype,
+            device=loaded.device,
+            config=config,
+            model_name=loaded.name,
+            eos_token_ids=loaded.eos_token_ids,
+        )
+
+    @classmethod
+    def from_pretrained(cls, name: str | None = None, *, dtype=None, device: str | None = None, config: EngineConfig | None = None) -> "Engine":
+        from localchat.model import load_model
+
+        return cls.from_loaded(load_model(name, dtype=dtype, device=device), config)
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, text: str) -> list[int]:
+        return chat_template.encode(self.tokenizer, text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            return chat_template.prompt_ids(self.tokenizer, messages)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+    def make_request(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        fork_from: str | None = None,
+    ) -> Request:
+        """Validate and tokenize without touching engine state (safe from any thread).
+
+        With `fork_from`, the request continues the running request of that id from wherever it
+        is: it shares all its blocks, and `prompt_token_ids` (may be empty) are appended.
+        """
+        params = params or SamplingParams()
+        if fork_from is not None:
+            extra = [int(t) for t in (prompt_token_ids or [])]
+            rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+            request = Request(rid, extra, params, RequestMetrics(arrival_time=time.perf_counter()))
+            request.fork_from = fork_from
+            return request
+        given = [x is not None for x in (prompt, messages, prompt_token_ids)]
+        if sum(given) != 1:
+            raise RequestError("give exactly one of prompt, messages or prompt_token_ids")
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RequestError("the prompt is empty: write a message first")
+            ids = self._prompt_ids([{"role": "user", "content": prompt}])
+        elif messages is not None:
+            ids = self._prompt_ids(messages)
+        else:
+            ids = [int(t) for t in prompt_token_ids]  # type: ignore[union-attr]
+            if not ids:
+                raise RequestError("the prompt is empty: prompt_token_ids has no tokens")
+            vocab = int(self.hf_config.vocab_size)
+            if any(t < 0 or t >= vocab for t in ids):
+                raise RequestError(f"prompt_token_ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the model's context holds {self.max_model_len}: "
+                "shorten it or start a new conversation"
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) + 1 > capacity:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}: raise --kv-cache-gb"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        return Request(rid, ids, params, RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
+
+    def add(self, request: Request) -> str:
+        if request.request_id in self.requests:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        if request.fork_from is not None:
+            return self._add_fork(request)
+        self.requests[request.request_id] = request
+        request.metrics.arrival_time = time.perf_counter()
+        if request.params.is_beam_search:
+            from localchat.engine.beam_search import BeamSearch
+
+            request.beam = BeamSearch(self, request)
+            return request.request_id
+        self.start_sequence(request)
+        return request.request_id
+
+    def _add_fork(self, request: Request) -> str:
+        source = self.requests.get(request.fork_from)  # type: ignore[arg-type]
+        live = [s for s in source.seqs if not s.is_finished] if source is not None else []
+        if not live or source.beam is not None:
+            raise RequestError(
+                f"request {request.fork_from!r} is not running: continue from its token ids instead "
+                "(the prefix cache still holds them)"
+            )
+        parent = min(live, key=lambda s: s.index)
+        request.prompt_token_ids = list(parent.token_ids) + request.prompt_token_ids
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise RequestError(f"the forked prompt has {len(request.prompt_token_ids)} tokens; the context holds {self.max_model_len}")
+        request.metrics.num_prompt_tokens = len(request.prompt_token_ids)
+        request.metrics.arrival_time = time.perf_counter()
+        self.requests[request.request_id] = request
+        child = self.new_sequence(request, index=0)
+        self.scheduler.fork(parent, child)
+        child.prefix_hit_tokens = child.num_computed
+        return request.request_id
+
+    def add_request(self, prompt: str | None = None, **kwargs) -> str:
+        return self.add(self.make_request(prompt, **kwargs))
+
+    # ------------------------------------------- sequences (also beam search's interface)
+    def new_sequence(self, request: Request, index: int, token_ids: list[int] | None = None) -> Sequence:
+        """A sequence of `request` (not yet scheduled); by default it starts from the prompt."""
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            params=request.params,
+            index=index,
+            token_ids=list(token_ids) if token_ids is not None else [],
+        )
+        if request.params.seed is not None:
+            # Sample i uses seed + i, so n=1 with a seed equals a plain request with that seed.
+            seq.generator = torch.Generator().manual_seed(request.params.seed + index)
+        request.seqs.append(seq)
+        return seq
+
+    def start_sequence(self, request: Request) -> Sequence:
+        """The request's first sequence, queued for its prompt's prefill."""
+        seq = self.new_sequence(request, index=0)
+        self.scheduler.add(seq)
+        return seq
+
+    def fork_sequence(self, parent: Sequence, request: Request, index: int) -> Sequence:
+        """A child that shares all of the parent's blocks and continues from its tokens."""
+        child = self.new_sequence(request, index, token_ids=parent.token_ids)
+        child.logprobs = list(parent.logprobs)
+        child.cumulative_logprob = parent.cumulative_logprob
+        child.first_token_time = parent.first_token_time
+        self.scheduler.fork(parent, child)
+        return child
+
+    def finish_sequence(self, seq: Sequence, reason: str) -> None:
+        """Stop one sequence now; its blocks are released (cached where they hold a full prefix)."""
+        self.scheduler.finish(seq, reason)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        request.aborted = True
+        if request.beam is not None:
+            request.beam.abort()
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "abort")
+        request.metrics.finished_time = time.perf_counter()
+        return self._report(request, final=True)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample, and report every request that changed."""
+        sched = self.scheduler.schedule()
+        touched: dict[str, Request] = {}
+        for seq in sched.finished:
+            request = self.requests[seq.request_id]
+            if request.beam is not None:  # a beam that cannot grow ends the whole search
+                request.beam.finish_now()
+            touched[seq.request_id] = request
+        if sched:
+            logits = self.runner.execute(sched.work, sched.copies)
+            self.scheduler.commit(sched)
+            self.steps += 1
+            self._sample(sched, logits, touched)
+        outputs = []
+        for request in touched.values():
+            if request.request_id not in self.requests:
+                continue
+            final = request.finished
+            if final:
+                request.metrics.finished_time = time.perf_counter()
+                del self.requests[request.request_id]
+            outputs.append(self._report(request, final))
+        return outputs
+
+    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor, touched: dict[str, Request]) -> None:
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
+        row = 0
+        for w in sched.work:
+            if not w.completes_sequence:
+                continue
+            seq = w.seq
+            request = self.requests[seq.request_id]
+            touched[request.request_id] = request
+            if request.beam is not None:
+                beam_rows.setdefault(request.request_id, []).append((seq, row))
+            else:
+                if request.params.n > 1 and not request.forked:
+                    request.forked = True
+                    for i in range(1, request.params.n):
+                        seqs.append(self.fork_sequence(seq, request, i))
+                        rows.append(row)
+                seqs.append(seq)
+                rows.append(row)
+            row += 1
+        for request_id, pairs in beam_rows.items():
+            self.requests[request_id].beam.step(pairs, logits)
+        if not seqs:
+            return
+        picked = logits[torch.tensor(rows)] if rows != list(range(logits.shape[0])) else logits
+        result = sample(picked, seqs, self._generator)
+        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
+            seq.append_token(token, logprob)
+            self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        reason = None
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            reason = "stop"
+        before = len(seq.text)
+        detokenizer.detokenize_step(self.tokenizer, seq)
+        cut_at_stop_string = False
+        if reason is None and p.stop:
+            at = detokenizer.find_stop(seq.text, p.stop, len(seq.text) - before)
+            if at is not None:
+                seq.text = seq.text[:at]
+                reason = "stop"
+                cut_at_stop_string = True
+        if reason is None and seq.num_output_tokens >= p.max_tokens:
+            reason = "length"
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if not cut_at_stop_string:
+                detokenizer.flush(self.tokenizer, seq)
+            self.scheduler.finish(seq, reason)
+
+    # ------------------------------------------------------------------- reports
+    def _report(self, request: Request, final: bool) -> RequestOutput:
+        if request.beam is not None:
+            outs = request.beam.outputs(final)
+        else:
+            outs = []
+            for seq in sorted(request.seqs, key=lambda s: s.index):
+                shown = len(seq.text) if seq.is_finished else detokenizer.safe_emit_length(seq.text, seq.params.stop)
+                shown = max(shown, seq.emitted_chars)
+                out_ids = seq.output_token_ids
+                outs.append(
+                    CompletionOutput(
+                        index=seq.index,
+                        text=seq.text[:shown],
+                        token_ids=list(out_ids),
+                        finish_reason=seq.finish_reason,
+                        cumulative_logprob=seq.cumulative_logprob,
+                        logprobs=list(seq.logprobs[-len(out_ids):]) if seq.params.logprobs and out_ids else ([] if seq.params.logprobs else None),
+                        delta_text=seq.text[seq.emitted_chars : shown],
+                        delta_token_ids=list(out_ids[seq.emitted_tokens :]),
+                    )
+                )
+                seq.emitted_chars = shown
+                seq.emitted_tokens = len(out_ids)
+        m = request.metrics
+        firsts = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        if firsts:
+            m.first_token_time = min(firsts)
+        m.num_generated_tokens = sum(len(o.token_ids) for o in outs)
+        m.prefix_hit_tokens = max((s.prefix_hit_tokens for s in request.seqs), default=0)
+        return RequestOutput(request.request_id, list(request.prompt_token_ids), outs, final, m)
+
+    # ------------------------------------------------------------- conveniences
+    def generate(self, prompts: list[str] | None = None, params: SamplingParams | list[SamplingParams] | None = None, *, messages: list[list[dict]] | None = None, prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
+        """Run requests to completion (all submitted at once) and return their final outputs."""
+        items: list[dict] = []
+        for p in prompts or []:
+            items.append({"prompt": p})
+        for m in messages or []:
+            items.append({"messages": m})
+        for ids in prompt_token_ids or []:
+            items.append({"prompt_token_ids": ids})
+        plist = params if isinstance(params, list) else [params] * len(items)
+        order = [self.add_request(**item, params=p) for item, p in zip(items, plist)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in order]
+
+    def memory(self) -> dict:
+        """design.md's figures now, plus their peaks."""
+        figs = self.block_manager.figures().as_dict()
+        figs.update(self.block_manager.peaks())
+        figs["kv_cache_bytes"] = self.runner.kv_cache_bytes
+        return figs
+
+
+def _eos_ids(hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(x) for x in source)
+    return ids

@@ -1,0 +1,91 @@
+"""The one place for defaults and machine facts that more than one layer reads.
+
+Every layer may import this module (it imports nothing of ours): the sampling defaults a reply gets
+when the user leaves a value out (CLI, page, terminal chat and API alike), the engine's sizes, the
+page's concurrency limits, where caches and data live, what this CPU can do, and where the files
+that ship beside the code (`models.yaml`, `assets/`) are, in a checkout or in an installed wheel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+# ---- a reply's sampling, when the user leaves a value out ----------------------------------------
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.95
+
+# ---- the engine ----------------------------------------------------------------------------------
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_NUM_SEQS = 64
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+DEFAULT_CPU_KV_CACHE_GB = 1.0
+DEFAULT_GPU_MEMORY_FRACTION = 0.6
+MAX_SAMPLES = 64  # n (parallel samples) and beam width a request may ask for
+
+# ---- the page ------------------------------------------------------------------------------------
+DEFAULT_HOST = "127.0.0.1"  # this machine only, unless the user asks for more
+DEFAULT_PORT = 7860
+UI_CONCURRENCY = 8  # replies the page streams at once (Gradio's queue)
+UI_MAX_SAMPLES = 8  # samples shown side by side
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else None
+
+
+def cache_dir() -> Path:
+    """Converted models and built kernels: $LOCALCHAT_CACHE, else $XDG_CACHE_HOME/localchat, else ~/.cache/localchat."""
+    return _env_path("LOCALCHAT_CACHE") or (_env_path("XDG_CACHE_HOME") or Path.home() / ".cache") / "localchat"
+
+
+def data_dir() -> Path:
+    """Conversations: $XDG_DATA_HOME/localchat, else ~/.local/share/localchat."""
+    return (_env_path("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "localchat"
+
+
+def config_dir() -> Path:
+    """The user's own settings (a model registry of their own): $XDG_CONFIG_HOME/localchat, else ~/.config/localchat."""
+    return (_env_path("XDG_CONFIG_HOME") or Path.home() / ".config") / "localchat"
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def cpu_flags_line() -> str:
+    """The kernel's list of this CPU's features (x86 "flags", Arm "Features"); "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[-1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_has(*features: str) -> bool:
+    """Whether the CPU reports any of these features (e.g. "avx512_bf16", "amx_bf16")."""
+    flags = set(cpu_flags_line().split())
+    return any(f in flags for f in features)
+
+
+def resource(name: str) -> Path:
+    """A file or folder that ships beside the code: `models.yaml` or `assets`.
+
+    In a checkout they sit at the repository's top level; a wheel carries them in localchat/_data
+    (setup.py copies them there when the wheel is built).
+    """
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_data" / name, package.parent / name):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{name} is missing from this installation of localchat (looked in {package / '_data'})")
