@@ -39,21 +39,11 @@ def smol_reference(smol):
     return hf_reference_model(smol)
 
 
-def make_tiny_engine(tokenizer, *, seed: int = 0, num_blocks: int = 512, block_size: int = 16, config_overrides: dict | None = None, **engine_kwargs):
-    """An engine over a tiny random-weight Llama with the real tokenizer's vocabulary."""
-    from transformers import LlamaForCausalLM as HFLlama
+def make_tiny_engine(tokenizer, **kwargs):
+    """An engine over a tiny random-weight Llama with the real tokenizer's vocabulary (helpers/tiny.py)."""
+    from helpers.tiny import tiny_engine
 
-    from helpers.tiny import loaded_from_hf, tiny_llama_config
-    from localchat.engine import Engine, EngineConfig
-
-    torch.manual_seed(seed)
-    overrides = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
-    overrides.update(config_overrides or {})
-    hf = HFLlama(tiny_llama_config(**overrides)).eval()
-    config = EngineConfig(num_blocks=num_blocks, block_size=block_size, **engine_kwargs)
-    engine = Engine.from_loaded(loaded_from_hf(hf, tokenizer), config)
-    engine.hf_model = hf  # for reference comparisons in tests
-    return engine
+    return tiny_engine(tokenizer, **kwargs)
 
 
 @pytest.fixture

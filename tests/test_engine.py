@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from localchat.engine.driver import EngineDriver
-from localchat.engine.engine import RequestError
+from localchat.engine import RequestError
 from localchat.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

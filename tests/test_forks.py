@@ -65,7 +65,7 @@ def test_fork_from_a_live_request_shares_its_blocks(tiny_engine):
 def test_fork_of_unknown_request_is_a_clear_error(tiny_engine):
     import pytest
 
-    from localchat.engine.engine import RequestError
+    from localchat.engine import RequestError
 
     engine = tiny_engine()
     with pytest.raises(RequestError, match="not running"):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from localchat.chat.store import Conversation, Message, ReplyWriter, Store
-from localchat.engine import EngineDriver, SamplingParams
+from localchat.engine import EngineClient, SamplingParams
 from localchat.model.chat_template import continuation_ids, prompt_ids
 
 
@@ -32,15 +32,15 @@ class ChatEvent:
 
 
 class ChatService:
-    def __init__(self, driver: EngineDriver, store: Store) -> None:
+    def __init__(self, driver: EngineClient, store: Store) -> None:
         self.driver = driver
         self.store = store
-        self.engine = driver.engine
-        self.tokenizer = driver.engine.tokenizer
+        self.info = driver.info
+        self.tokenizer = driver.info.tokenizer
 
     # ------------------------------------------------------------- conversations
     def new_conversation(self, title: str = "", system_prompt: str | None = None, settings: dict | None = None) -> Conversation:
-        return self.store.create_conversation(title, model=self.engine.model_name, system_prompt=system_prompt, settings=settings)
+        return self.store.create_conversation(title, model=self.info.model_name, system_prompt=system_prompt, settings=settings)
 
     # Every reply is n samples of one request (n = 1 is the common case): each update yields the
     # list of all samples seen so far, ordered by sample index, and each sample is saved as its own
@@ -143,7 +143,7 @@ class ChatService:
                      writers: dict[int, ReplyWriter], o, out) -> ChatEvent:
         writer = writers.get(o.index)
         if writer is None:
-            writer = self.store.begin_reply(conversation_id, parent_id, model=self.engine.model_name, sampling=params.to_dict())
+            writer = self.store.begin_reply(conversation_id, parent_id, model=self.info.model_name, sampling=params.to_dict())
             writers[o.index] = writer
         if o.token_ids and len(writer.token_ids) + len(o.delta_token_ids) != len(o.token_ids):
             writer.update(o.text, o.token_ids)  # a fork starts with its parent's tokens

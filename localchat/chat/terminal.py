@@ -11,10 +11,10 @@ from localchat.engine import RequestError, SamplingParams
 def run_terminal_chat(service: ChatService, *, system: str | None, params: SamplingParams, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    engine = service.engine
+    info = service.info
     conversation = service.new_conversation("Terminal chat", system_prompt=system)
     stdout.write(
-        f"localchat on {engine.model_name} ({engine.dtype}, {engine.block_manager.num_blocks} KV blocks), "
+        f"localchat on {info.model_name} ({info.dtype}, {info.num_blocks} KV blocks), "
         f"conversation {conversation.id} in {service.store.db_path}. Empty line or Ctrl-D quits.\n"
     )
     while True:

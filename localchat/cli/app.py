@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from localchat import settings
-from localchat.cli.common import add_engine_args, engine_from_args, error
+from localchat.cli.common import add_engine_args, build_engine, engine_spec, error
 
 
 def add_app_parser(sub) -> None:
@@ -35,7 +35,7 @@ def configure_app_parser(p: argparse.ArgumentParser) -> None:
 def cmd_app(args: argparse.Namespace) -> int:
     from localchat.chat.service import ChatService
     from localchat.chat.store import Store, StoreError
-    from localchat.engine import EngineDriver, SamplingParams
+    from localchat.engine import EngineProcess, EngineStopped, SamplingParams
 
     if not 0 < args.port < 65536:
         return error(f"--port must be in 1-65535, got {args.port}")
@@ -45,11 +45,11 @@ def cmd_app(args: argparse.Namespace) -> int:
     except (StoreError, ValueError) as exc:
         return error(str(exc))
     try:
-        engine = engine_from_args(args)
-    except ValueError as exc:  # unknown model, refused architecture, bad sizes
+        # The engine runs in a process of its own, so serving the page never slows it down.
+        driver = EngineProcess(build_engine, **engine_spec(args))
+    except (ValueError, EngineStopped) as exc:  # unknown model, refused architecture, bad sizes
         store.close()
         return error(str(exc))
-    driver = EngineDriver(engine)
     try:
         service = ChatService(driver, store)
         if args.terminal:
@@ -58,7 +58,7 @@ def cmd_app(args: argparse.Namespace) -> int:
             return run_terminal_chat(service, system=args.system, params=params)
         from localchat.ui.app import build_ui, launch
 
-        print(f"localchat: serving {engine.model_name} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+        print(f"localchat: serving {driver.info.model_name} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
         launch(build_ui(service), host=args.host, port=args.port, share=args.share)
         return 0
     except KeyboardInterrupt:

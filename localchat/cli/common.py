@@ -30,25 +30,40 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def engine_from_args(args: argparse.Namespace):
-    """The engine the flags describe (raises ValueError subclasses for bad values or unknown models)."""
+def engine_spec(args: argparse.Namespace) -> dict:
+    """The engine the flags describe, as plain values (an engine process builds it from them)."""
+    return {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "threads": args.threads,
+        "config": {
+            "block_size": args.block_size,
+            "kv_cache_gb": args.kv_cache_gb,
+            "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "enable_prefix_cache": not args.no_prefix_cache,
+        },
+    }
+
+
+def build_engine(model: str | None, dtype: str | None, device: str | None, threads: int | None, config: dict):
+    """Load the model and build its engine (raises ValueError subclasses for bad values or unknown models)."""
     import torch
 
     from localchat.engine import Engine, EngineConfig
     from localchat.model import default_dtype, load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = EngineConfig(
-        block_size=args.block_size,
-        kv_cache_gb=args.kv_cache_gb,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_cache=not args.no_prefix_cache,
-    )
-    loaded = load_model(args.model, dtype=args.dtype or default_dtype(device), device=device)
-    return Engine.from_loaded(loaded, config)
+    if threads:
+        torch.set_num_threads(threads)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine_config = EngineConfig(**config)  # checked before the model loads
+    loaded = load_model(model, dtype=dtype or default_dtype(device), device=device)
+    return Engine.from_loaded(loaded, engine_config)
+
+
+def engine_from_args(args: argparse.Namespace):
+    return build_engine(**engine_spec(args))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

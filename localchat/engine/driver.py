@@ -1,7 +1,9 @@
-"""Runs an Engine on a background thread so many clients (UI sessions, CLI) share it.
+"""Clients of the engine: many threads (UI sessions, API requests) share one engine through a driver.
 
-The engine itself is single-threaded: only the loop thread touches it. Other threads submit and
-abort through a command queue, and each request streams its outputs through its own queue.
+The engine itself is single-threaded: only its loop touches it. `EngineLoop` is that loop's body
+(commands in, one step at a time, outputs out, faults contained); it runs on a background thread
+here (`EngineDriver`) or in a process of its own (localchat/engine/process.py). Clients submit and
+abort through the driver, and each request streams its outputs through its own `RequestStream`.
 """
 
 from __future__ import annotations
@@ -9,20 +11,26 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 
-from localchat.engine.engine import Engine, Request
+from localchat.engine.engine import Engine
 from localchat.engine.outputs import RequestOutput
+from localchat.engine.requests import EngineInfo, Request, RequestFactory
 
 log = logging.getLogger(__name__)
+
+
+class EngineStopped(RuntimeError):
+    """The engine was shut down (or its process ended) while a request was running."""
 
 
 class RequestStream:
     """Iterate to receive a request's outputs as they come; the last one has finished=True."""
 
-    def __init__(self, driver: "EngineDriver", request_id: str) -> None:
+    def __init__(self, client: "EngineClient", request_id: str) -> None:
         self.request_id = request_id
-        self._driver = driver
+        self._client = client
         self._queue: queue.Queue[RequestOutput | BaseException] = queue.Queue()
         self.final: RequestOutput | None = None
 
@@ -45,43 +53,159 @@ class RequestStream:
         return self.final
 
     def abort(self) -> None:
-        self._driver.abort(self.request_id)
+        self._client.abort(self.request_id)
 
 
-class EngineDriver:
-    def __init__(self, engine: Engine) -> None:
+class EngineLoop:
+    """The engine's loop body: apply client commands between steps, step, hand outputs on.
+
+    `deliver` gets each step's outputs; `fail` gets (request_id, exception) for requests that end in
+    an error. A step that raises fails the requests it was serving and the loop goes on.
+    """
+
+    def __init__(self, engine: Engine, deliver: Callable[[list[RequestOutput]], None],
+                 fail: Callable[[str, BaseException], None]) -> None:
         self.engine = engine
-        self._commands: queue.Queue[tuple] = queue.Queue()
+        self.deliver = deliver
+        self.fail = fail
+
+    def handle(self, kind: str, payload) -> object:
+        """Apply one command: ("add", Request), ("abort", request_id) or ("call", (fn, args))."""
+        if kind == "add":
+            request: Request = payload
+            try:
+                self.engine.add(request)
+            except Exception as exc:  # noqa: BLE001 - reported to the submitter
+                self.fail(request.request_id, exc)
+        elif kind == "abort":
+            out = self.engine.abort(payload)
+            if out is not None:
+                self.deliver([out])
+        elif kind == "call":
+            fn, args = payload
+            return fn(self.engine, *args)
+        return None
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+            log.exception("engine step failed")
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+                self.fail(request_id, exc)
+            return
+        if outputs:
+            self.deliver(outputs)
+
+    def stop_all(self, reason: str) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self.fail(request_id, EngineStopped(reason))
+
+
+class EngineClient(ABC):
+    """What every client of an engine uses: submit, abort, call, snapshot, info, shutdown.
+
+    Subclasses carry commands to the loop (a thread, or a process) and hand outputs back through
+    `_deliver`/`_fail`; requests are validated here, on the caller's thread.
+    """
+
+    info: EngineInfo
+
+    def __init__(self, info: EngineInfo) -> None:
+        self.info = info
+        self._factory = RequestFactory(info, prefix=f"req{id(self) % 10_000}")
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="localchat-engine", daemon=True)
-        self._thread.start()
+        self._stopped: str | None = None  # why the engine no longer takes requests
 
-    # ------------------------------------------------------------- client API
     def submit(self, prompt: str | None = None, **kwargs) -> RequestStream:
         """Validate now (errors raise here, on the caller's thread) and queue the request."""
-        if self._stop.is_set():
-            raise RuntimeError("the engine has been shut down")
-        request = self.engine.make_request(prompt, **kwargs)
+        if self._stopped:
+            raise EngineStopped(self._stopped)
+        request = self._factory.make(prompt, **kwargs)
         with self._lock:
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             stream = RequestStream(self, request.request_id)
             self._streams[request.request_id] = stream
-        self._commands.put(("add", request))
-        self._wake.set()
+        try:
+            self._send("add", request)
+        except EngineStopped:
+            self._fail(request.request_id, EngineStopped(self._stopped or "the engine is gone"))
+            raise
         return stream
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._send("abort", request_id)
+
+    @abstractmethod
+    def call(self, fn, *args):
+        """Run `fn(engine, *args)` in the engine's loop between steps and return its result."""
+
+    def snapshot(self):
+        """The memory panel's view of the block pool (localchat.engine.block_manager.MemorySnapshot)."""
+        return self.call(memory_snapshot)
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop the loop; running requests end with EngineStopped."""
+
+    @abstractmethod
+    def _send(self, kind: str, payload) -> None:
+        """Carry a command to the loop."""
+
+    # ------------------------------------------------------------ outputs in
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+            if stream is not None:
+                stream._put(out)
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream._put(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream._put(exc)
+
+
+def memory_snapshot(engine: Engine):
+    return engine.block_manager.snapshot()
+
+
+class EngineDriver(EngineClient):
+    """The engine on a background thread of this process (tests, the CLI, the terminal chat)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine.info())
+        self.engine = engine
+        self._commands: queue.Queue[tuple] = queue.Queue()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._loop = EngineLoop(engine, self._deliver, self._fail)
+        self._thread = threading.Thread(target=self._run, name="localchat-engine", daemon=True)
+        self._thread.start()
+
+    def _send(self, kind: str, payload) -> None:
+        self._commands.put((kind, payload, None))
         self._wake.set()
 
     def call(self, fn, *args):
-        """Run `fn(engine, *args)` on the loop thread between steps and return its result."""
         done: queue.Queue = queue.Queue()
-        self._commands.put(("call", (fn, args, done)))
+        self._commands.put(("call", (fn, args), done))
         self._wake.set()
         ok, value = done.get()
         if not ok:
@@ -89,67 +213,34 @@ class EngineDriver:
         return value
 
     def snapshot(self):
-        """The memory panel's view; the block manager's lock makes this safe from any thread."""
-        return self.engine.block_manager.snapshot()
+        # The block manager's lock makes this safe from any thread, without waiting for a step.
+        return memory_snapshot(self.engine)
 
     def shutdown(self) -> None:
+        self._stopped = "the engine has been shut down"
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
 
-    # ---------------------------------------------------------------- the loop
-    def _handle(self, command: tuple) -> None:
-        kind, payload = command
-        if kind == "add":
-            request: Request = payload
-            try:
-                self.engine.add(request)
-            except Exception as exc:  # noqa: BLE001 - reported to the submitter
-                self._deliver_error(request.request_id, exc)
-        elif kind == "abort":
-            out = self.engine.abort(payload)
-            if out is not None:
-                self._deliver(out)
-        elif kind == "call":
-            fn, args, done = payload
-            try:
-                done.put((True, fn(self.engine, *args)))
-            except Exception as exc:  # noqa: BLE001
-                done.put((False, exc))
-
-    def _deliver(self, out: RequestOutput) -> None:
-        with self._lock:
-            stream = self._streams.get(out.request_id)
-            if out.finished:
-                self._streams.pop(out.request_id, None)
-        if stream is not None:
-            stream._put(out)
-
-    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
-        with self._lock:
-            stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream._put(exc)
-
-    def _loop(self) -> None:
+    def _run(self) -> None:
+        loop = self._loop
         while not self._stop.is_set():
             while True:
                 try:
-                    self._handle(self._commands.get_nowait())
+                    kind, payload, done = self._commands.get_nowait()
                 except queue.Empty:
                     break
-            if not self.engine.has_unfinished():
+                try:
+                    result = loop.handle(kind, payload)
+                    if done is not None:
+                        done.put((True, result))
+                except Exception as exc:  # noqa: BLE001 - a call's error goes back to its caller
+                    if done is None:
+                        raise
+                    done.put((False, exc))
+            if not loop.has_work():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            try:
-                for out in self.engine.step():
-                    self._deliver(out)
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
-                log.exception("engine step failed")
-                for request_id in list(self.engine.requests):
-                    self.engine.abort(request_id)
-                    self._deliver_error(request_id, exc)
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-            self._deliver_error(request_id, RuntimeError("the engine was shut down"))
+            loop.step()
+        loop.stop_all("the engine was shut down")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,16 +17,13 @@ from localchat import settings
 from localchat.engine import detokenizer
 from localchat.engine.block_manager import BlockManager
 from localchat.engine.model_runner import ModelRunner, num_blocks_for_budget
-from localchat.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from localchat.engine.outputs import CompletionOutput, RequestOutput
+from localchat.engine.requests import EngineInfo, Request, RequestError, RequestFactory
 from localchat.engine.sampler import sample
 from localchat.engine.sampling_params import SamplingParams
 from localchat.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from localchat.engine.sequence import Sequence
 from localchat.model import chat_template
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (empty, too long, ...); the engine stays usable."""
 
 
 @dataclass
@@ -49,26 +46,6 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
         if not 0 < self.gpu_memory_fraction < 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction!r}")
-
-
-@dataclass(eq=False)
-class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    metrics: RequestMetrics
-    seqs: list[Sequence] = field(default_factory=list)
-    forked: bool = False
-    beam: object | None = None  # localchat.engine.beam_search.BeamSearch for beam requests
-    aborted: bool = False
-    # Continue from the live sequence of this request (sharing its blocks), then prompt_token_ids.
-    fork_from: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        if self.beam is not None:
-            return self.beam.done
-        return bool(self.seqs) and all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
 
 
 class Engine:
@@ -108,7 +85,7 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids) if eos_token_ids else _eos_ids(hf_config, tokenizer)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        self._request_ids = itertools.count()
+        self.request_factory = RequestFactory(self.info())
         self._generator = torch.Generator()
         if self.config.seed is not None:
             self._generator.manual_seed(self.config.seed)
@@ -154,62 +131,23 @@ class Engine:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        try:
-            return chat_template.prompt_ids(self.tokenizer, messages)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
+    def info(self) -> EngineInfo:
+        """What clients need to know: limits for validation, the tokenizer, the pool's size."""
+        return EngineInfo(
+            model_name=self.model_name,
+            tokenizer=self.tokenizer,
+            vocab_size=int(self.hf_config.vocab_size),
+            max_model_len=self.max_model_len,
+            num_blocks=self.block_manager.num_blocks,
+            block_size=self.block_manager.block_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            kv_cache_bytes=self.runner.kv_cache_bytes,
+        )
 
-    def make_request(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict] | None = None,
-        prompt_token_ids: list[int] | None = None,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        fork_from: str | None = None,
-    ) -> Request:
-        """Validate and tokenize without touching engine state (safe from any thread).
-
-        With `fork_from`, the request continues the running request of that id from wherever it
-        is: it shares all its blocks, and `prompt_token_ids` (may be empty) are appended.
-        """
-        params = params or SamplingParams()
-        if fork_from is not None:
-            extra = [int(t) for t in (prompt_token_ids or [])]
-            rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
-            request = Request(rid, extra, params, RequestMetrics(arrival_time=time.perf_counter()))
-            request.fork_from = fork_from
-            return request
-        given = [x is not None for x in (prompt, messages, prompt_token_ids)]
-        if sum(given) != 1:
-            raise RequestError("give exactly one of prompt, messages or prompt_token_ids")
-        if prompt is not None:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise RequestError("the prompt is empty: write a message first")
-            ids = self._prompt_ids([{"role": "user", "content": prompt}])
-        elif messages is not None:
-            ids = self._prompt_ids(messages)
-        else:
-            ids = [int(t) for t in prompt_token_ids]  # type: ignore[union-attr]
-            if not ids:
-                raise RequestError("the prompt is empty: prompt_token_ids has no tokens")
-            vocab = int(self.hf_config.vocab_size)
-            if any(t < 0 or t >= vocab for t in ids):
-                raise RequestError(f"prompt_token_ids must be in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens but the model's context holds {self.max_model_len}: "
-                "shorten it or start a new conversation"
-            )
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if len(ids) + 1 > capacity:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}: raise --kv-cache-gb"
-            )
-        rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
-        return Request(rid, ids, params, RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
+    def make_request(self, prompt: str | None = None, **kwargs) -> Request:
+        """Validate and tokenize without touching engine state (see RequestFactory.make)."""
+        return self.request_factory.make(prompt, **kwargs)
 
     def add(self, request: Request) -> str:
         if request.request_id in self.requests:

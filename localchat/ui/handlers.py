@@ -58,7 +58,7 @@ class Handlers:
     # ------------------------------------------------------------ pure-ish views
     def memory_html(self) -> str:
         try:
-            return render_memory_html(self.driver.snapshot(), title=f"KV cache · {self.service.engine.model_name}")
+            return render_memory_html(self.driver.snapshot(), title=f"KV cache · {self.service.info.model_name}")
         except Exception as exc:  # noqa: BLE001 - the panel must never break the page
             log.exception("memory snapshot failed")
             return render_memory_html(None) + f"<!-- {type(exc).__name__} -->"

@@ -60,3 +60,34 @@ def loaded_from_hf(hf_model: Any, tokenizer: Any, *, name: str = "tiny", dtype: 
     return LoadedModel(
         name=name, config=hf_model.config, tokenizer=tokenizer, model=model, dtype=dtype, device=torch.device("cpu"),
     )
+
+
+def default_tokenizer() -> Any:
+    """The default model's tokenizer (its converted copy is cached after the first load)."""
+    from transformers import AutoTokenizer
+
+    directory, _ = weights_dir(resolve_model(None))
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def tiny_engine(tokenizer: Any = None, *, seed: int = 0, num_blocks: int = 512, block_size: int = 16,
+                config_overrides: dict | None = None, **engine_kwargs: Any):
+    """An engine over a tiny random-weight Llama with the default tokenizer's vocabulary. A module-level
+    function, so an engine process (localchat/engine/process.py) can build the same engine."""
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from localchat.engine import Engine, EngineConfig
+
+    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+    torch.manual_seed(seed)
+    overrides = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    overrides.update(config_overrides or {})
+    hf = HFLlama(tiny_llama_config(**overrides)).eval()
+    config = EngineConfig(num_blocks=num_blocks, block_size=block_size, **engine_kwargs)
+    engine = Engine.from_loaded(loaded_from_hf(hf, tokenizer), config)
+    engine.hf_model = hf  # for reference comparisons in tests
+    return engine
+
+
+def failing_factory(message: str):
+    raise ValueError(message)
