@@ -195,10 +195,9 @@ def test_app_help_lists_the_ui_flags():
     assert proc.returncode == 0
     for flag in ("--host", "--port", "--share", "--terminal"):
         assert flag in proc.stdout
-    sys.path.insert(0, str(ROOT))
-    import app
+    from localchat.cli import build_parser
 
-    args = app.build_parser().parse_args([])
+    args = build_parser().parse_args(["app"])
     assert args.host == "127.0.0.1" and args.share is False and args.terminal is False
 
 
