@@ -4,34 +4,27 @@ PyTorch has no paged attention for the CPU, and assembling one from torch ops me
 sequence's blocks, converting them to float32 and running SDPA per (sequence, head): at a batch of 64 that
 was most of a decode step. The C++ kernel reads each K/V row once from the pool instead.
 
-It needs a C++ compiler with OpenMP (g++ or clang++); the build takes about a second and is cached under
-~/.cache/localchat/kernels, keyed by the source, the compiler and the CPU. Without a compiler, or with
-LOCALCHAT_NATIVE_KERNELS=0, `available()` is False and torch_ops keeps its PyTorch path, which computes the
-same thing.
+It needs a C++ compiler with OpenMP (g++ or clang++); the build (kernels/native_build.py) takes about a
+second and is cached under ~/.cache/localchat/kernels, keyed by the source, the compiler and the CPU. Without a
+compiler, or with LOCALCHAT_NATIVE_KERNELS=0, `library()` is None and torch_ops keeps its PyTorch path, which
+computes the same thing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-from . import torch_ops
+from . import native_build, torch_ops
 from .metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+SOURCE = native_build.CSRC / "paged_decode.cpp"
+FLAGS = list(native_build.FLAGS)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _HEAD_DIMS = (64, 128)
 
@@ -39,56 +32,30 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
 
-
-def enabled() -> bool:
-    """LOCALCHAT_NATIVE_KERNELS=0 keeps the PyTorch path; read once, when the kernel is first asked for."""
-    return os.environ.get("LOCALCHAT_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+# The build machinery lives in native_build (shared with the quantized matmul); these names stay so callers
+# and tests that reach for them (e.g. to take the compiler away) keep working.
+enabled = native_build.enabled
+_cpu_signature = native_build.cpu_signature
+_cache_dir = native_build.cache_dir
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    return native_build.find_compiler()
 
 
-def _cpu_signature() -> str:
-    # -march=native code must not be loaded on a different CPU (a home directory shared between machines).
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _build(compiler: str):
+    return native_build.build(SOURCE, "paged_decode", compiler, FLAGS)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("LOCALCHAT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "localchat")
-    return Path(root) / "kernels"
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_signature()]).encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"paged_decode-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename: another process building at the same time can't see half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed:\n{result.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.localchat_paged_decode
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_float, ctypes.c_int,
+    ]
 
 
 def library() -> ctypes.CDLL | None:
@@ -99,26 +66,11 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if _tried:
             return _library
-        if not enabled():
-            _tried = True
-            return None
-        try:
-            compiler = _compiler()
-            if compiler is None:
-                raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-            lib = ctypes.CDLL(str(_build(compiler)))
-            fn = lib.localchat_paged_decode
-            fn.restype = ctypes.c_int
-            fn.argtypes = [
-                ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                ctypes.c_int, ctypes.c_float, ctypes.c_int,
-            ]
-            _library = lib
-        except Exception as exc:  # any failure leaves the PyTorch path in charge
-            log.warning("native CPU attention unavailable, using the PyTorch path: %s", exc)
-            _library = None
+        # `_compiler` is looked up through this module at call time so a test can replace it.
+        _library = native_build.load_library(
+            SOURCE, "paged_decode", setup=_declare, flags=FLAGS, compiler=lambda: _compiler(),
+            logger=log, what="native CPU attention",
+        )
         _tried = True
         return _library
 

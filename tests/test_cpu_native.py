@@ -112,7 +112,7 @@ def test_without_a_compiler_the_pytorch_path_takes_over(monkeypatch, tmp_path, c
     monkeypatch.setattr(cpu_native, "_library", None)
     monkeypatch.setattr(cpu_native, "_tried", False)
     monkeypatch.setattr(cpu_native, "_compiler", lambda: None)
-    monkeypatch.setenv("LOCALCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCALCHAT_CACHE", str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="kernels.cpu_native"):
         assert cpu_native.library() is None
     assert "no C++ compiler" in caplog.text
@@ -130,7 +130,7 @@ def test_disabled_by_environment(monkeypatch, native_calls):
 
 
 def test_build_is_cached_by_source(monkeypatch, tmp_path):
-    monkeypatch.setenv("LOCALCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCALCHAT_CACHE", str(tmp_path))
     compiler = cpu_native._compiler()
     first = cpu_native._build(compiler)
     mtime = first.stat().st_mtime_ns

@@ -1,0 +1,189 @@
+"""The native whole-step forward (kernels/decode_step.py, csrc/decode_step.cpp) against a float64 reference of
+the same math on the dequantized weights: prompt chunks then decode tokens of two sequences through paged,
+scattered blocks, GQA, with and without Qwen2's QKV bias and Qwen3's per-head norms, float32 and bfloat16
+caches, several block types."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize as gguf_quantize
+
+from conftest import skip_or_fail
+from kernels import decode_step
+from kernels.quant import QuantizedWeight
+
+HIDDEN, HEADS, KV_HEADS, INTER, LAYERS = 128, 6, 2, 96, 2  # GQA: 3 query heads per KV head
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native():
+    if not decode_step.available():
+        skip_or_fail("the native decode step could not be built (needs g++)")
+
+
+def qweight(rng, qtype: Q, rows: int, cols: int) -> QuantizedWeight:
+    values = (rng.standard_normal((rows, cols)) * 0.2).astype(np.float32)
+    data = values if qtype == Q.F32 else gguf_quantize(values, qtype)
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(rows, -1)
+    return QuantizedWeight(torch.from_numpy(raw.copy()), int(qtype), rows, cols)
+
+
+def make_layers(rng, qtype: Q, bias: bool, qk_norm: bool, hd: int = 32):
+    layers = []
+    for _ in range(LAYERS):
+        q, kv = HEADS * hd, KV_HEADS * hd
+        ws = dict(q=qweight(rng, qtype, q, HIDDEN), k=qweight(rng, qtype, kv, HIDDEN), v=qweight(rng, qtype, kv, HIDDEN),
+                  o=qweight(rng, qtype, HIDDEN, q), gate=qweight(rng, qtype, INTER, HIDDEN), up=qweight(rng, qtype, INTER, HIDDEN),
+                  down=qweight(rng, Q.Q8_0 if qtype != Q.F32 else Q.F32, HIDDEN, INTER))
+        extra = dict(
+            attn_norm=torch.from_numpy(rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32)),
+            ffn_norm=torch.from_numpy(rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32)),
+            qkv_bias=torch.from_numpy(rng.standard_normal(q + 2 * kv).astype(np.float32)) if bias else None,
+            q_norm=torch.from_numpy(rng.uniform(0.5, 1.5, hd).astype(np.float32)) if qk_norm else None,
+            k_norm=torch.from_numpy(rng.uniform(0.5, 1.5, hd).astype(np.float32)) if qk_norm else None,
+        )
+        layers.append({**ws, **extra})
+    return layers
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + EPS))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), -1)
+
+
+class Reference:
+    """The same forward in float64, with each sequence's K/V history kept densely (rounded like the cache)."""
+
+    def __init__(self, layers, kv_dtype, hd):
+        self.hd = hd
+        self.layers = [{k: (v.dequantize(torch.float32).double() if isinstance(v, QuantizedWeight) else (None if v is None else v.double()))
+                        for k, v in layer.items()} for layer in layers]
+        self.kv_dtype = kv_dtype
+        self.history: dict[int, list[list[torch.Tensor]]] = {}
+
+    def token(self, seq: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        hd = self.hd
+        hist = self.history.setdefault(seq, [[] for _ in self.layers])
+        for L, h_kv in zip(self.layers, hist):
+            h = rmsnorm(x, L["attn_norm"])
+            qkv = torch.cat([h @ L["q"].T, h @ L["k"].T, h @ L["v"].T])
+            if L["qkv_bias"] is not None:
+                qkv = qkv + L["qkv_bias"]
+            q = qkv[: HEADS * hd].view(HEADS, hd)
+            k = qkv[HEADS * hd : (HEADS + KV_HEADS) * hd].view(KV_HEADS, hd)
+            v = qkv[(HEADS + KV_HEADS) * hd :].view(KV_HEADS, hd)
+            if L["q_norm"] is not None:
+                q, k = rmsnorm(q, L["q_norm"]), rmsnorm(k, L["k_norm"])
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            h_kv.append((k.to(self.kv_dtype).double(), v.to(self.kv_dtype).double()))
+            keys = torch.stack([kk for kk, _ in h_kv])  # [P, KV, D]
+            values = torch.stack([vv for _, vv in h_kv])
+            group = HEADS // KV_HEADS
+            out = []
+            for head in range(HEADS):
+                g = head // group
+                scores = (keys[:, g] @ q[head]) * hd**-0.5
+                out.append(torch.softmax(scores, 0) @ values[:, g])
+            x = x + torch.cat(out) @ L["o"].T
+            h = rmsnorm(x, L["ffn_norm"])
+            gate, up = h @ L["gate"].T, h @ L["up"].T
+            x = x + (torch.nn.functional.silu(gate) * up) @ L["down"].T
+        return x
+
+
+@pytest.mark.parametrize(
+    "qtype, bias, qk_norm, kv_dtype, block_size, hd",
+    [
+        (Q.F32, False, False, torch.float32, 4, 32),
+        (Q.Q4_1, True, False, torch.bfloat16, 16, 64),
+        (Q.Q4_0, False, True, torch.float32, 1, 64),
+        (Q.Q8_0, True, True, torch.bfloat16, 4, 128),
+        (Q.Q4_1, False, False, torch.float32, 16, 128),
+    ],
+)
+def test_step_matches_a_float64_reference(qtype, bias, qk_norm, kv_dtype, block_size, hd):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    layers = make_layers(rng, qtype, bias, qk_norm, hd)
+    num_blocks = 64 // block_size + 40
+    shape = (num_blocks, block_size, KV_HEADS, hd)
+    caches = [(torch.full(shape, float("nan"), dtype=kv_dtype), torch.full(shape, float("nan"), dtype=kv_dtype)) for _ in layers]
+    plan = decode_step.StepPlan(
+        [decode_step.LayerTensors(**{k: v for k, v in L.items()}, k_cache=kc, v_cache=vc) for L, (kc, vc) in zip(layers, caches)],
+        hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=hd**-0.5,
+    )
+    ref = Reference(layers, kv_dtype, hd)
+    # Two sequences with scattered, interleaved physical blocks; each table padded to the same width.
+    free = list(rng.permutation(num_blocks))
+    tables = {0: [int(free.pop()) for _ in range(12)], 1: [int(free.pop()) for _ in range(12)]}
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    lengths = {0: 0, 1: 0}
+    # A 7-token prompt chunk of sequence 0 with a 1-token decode of sequence 1 in the same step, then decode steps
+    # of both, then another chunk: every token names its own table row and context.
+    schedule = [[(0, 7), (1, 1)], [(0, 1), (1, 5)], [(0, 1), (1, 1)], [(1, 3)], [(0, 2), (1, 1)]]
+    for step in schedule:
+        tokens = [(seq, lengths[seq] + i) for seq, n in step for i in range(n)]
+        T = len(tokens)
+        x = torch.from_numpy(rng.standard_normal((T, HIDDEN)).astype(np.float32))
+        pos = torch.tensor([p for _, p in tokens], dtype=torch.float64)
+        freqs = pos[:, None] * inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        bs = block_size
+        slots = torch.tensor([tables[s][p // bs] * bs + p % bs for s, p in tokens], dtype=torch.int64)
+        block_tables = torch.tensor([tables[0], tables[1]], dtype=torch.int32)
+        token_table = torch.tensor([s for s, _ in tokens], dtype=torch.int32)
+        token_ctx = torch.tensor([p + 1 for _, p in tokens], dtype=torch.int32)
+        expected = torch.stack([ref.token(s, x[i].double(), cos[i], sin[i]) for i, (s, _) in enumerate(tokens)])
+        got = plan.run(x.clone(), cos.float().contiguous(), sin.float().contiguous(), slots, block_tables, token_table, token_ctx)
+        assert torch.isfinite(got).all(), f"seed {seed}: a NaN (an unwritten or misread cache slot)"
+        torch.testing.assert_close(got.double(), expected, atol=2e-3 if kv_dtype == torch.bfloat16 else 2e-4, rtol=1e-3,
+                                   msg=lambda m: f"seed {seed}: {m}")
+        for seq, n in step:
+            lengths[seq] += n
+
+
+def test_batched_rows_are_bitwise_the_rows_alone():
+    rng, hd = np.random.default_rng(1), 64
+    layers = make_layers(rng, Q.Q4_1, True, False, hd)
+    shape = (32, 16, KV_HEADS, hd)
+
+    def fresh_plan():
+        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in layers]
+        return decode_step.StepPlan(
+            [decode_step.LayerTensors(**L, k_cache=kc, v_cache=vc) for L, (kc, vc) in zip(layers, caches)],
+            hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=hd**-0.5)
+
+    x = torch.from_numpy(rng.standard_normal((3, HIDDEN)).astype(np.float32))
+    cos, sin = torch.ones(3, hd // 2), torch.zeros(3, hd // 2)
+    tables = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)
+    together = fresh_plan().run(x.clone(), cos, sin, torch.tensor([0, 32, 64]), tables,
+                                torch.tensor([0, 1, 2], dtype=torch.int32), torch.ones(3, dtype=torch.int32))
+    for i in range(3):
+        alone = fresh_plan().run(x[i : i + 1].clone(), cos[:1], sin[:1], torch.tensor([32 * i]), tables[i : i + 1],
+                                 torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+        assert torch.equal(alone[0], together[i])
+
+
+def test_bad_descriptions_are_refused():
+    rng, hd = np.random.default_rng(2), 32
+    layers = make_layers(rng, Q.Q4_1, False, False)
+    shape = (8, 16, KV_HEADS, hd)
+    wrong = dict(layers[0], o=qweight(rng, Q.Q4_1, HIDDEN + 32, HEADS * hd))  # o with the wrong rows
+    plan = decode_step.StepPlan([decode_step.LayerTensors(**wrong, k_cache=torch.zeros(shape), v_cache=torch.zeros(shape))],
+                                hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=1.0)
+    with pytest.raises(ValueError, match="wrong number of rows"):
+        plan.run(torch.zeros(1, HIDDEN), torch.ones(1, 16), torch.zeros(1, 16), torch.tensor([0]),
+                 torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="caches"):
+        decode_step.StepPlan([decode_step.LayerTensors(**layers[0], k_cache=torch.zeros(shape, dtype=torch.float16),
+                                                       v_cache=torch.zeros(shape, dtype=torch.float16))],
+                             hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=1.0)
