@@ -174,9 +174,9 @@ class QuantizedWeight:
             return torch.from_numpy(values).to(dtype)
         out = torch.empty(self.rows, self.cols, dtype=dtype)
         desc = self._desc(0)
-        status = lib.localchat_quant_dequantize(
-            ctypes.byref(desc), out.data_ptr(), int(dtype == torch.bfloat16), self.cols, torch.get_num_threads()
-        )
+        # A few rows (a step's embedding lookup) cost less than waking the other threads.
+        threads = torch.get_num_threads() if self.rows * self.cols >= 1 << 16 else 1
+        status = lib.localchat_quant_dequantize(ctypes.byref(desc), out.data_ptr(), int(dtype == torch.bfloat16), self.cols, threads)
         _check_status(status)
         return out
 

@@ -220,15 +220,17 @@ void attend(const float* q, const void* k_cache, const void* v_cache, const int6
 
 // ---- one step ---------------------------------------------------------------------------------------------
 
+constexpr int64_t MAX_THREADS = 64;
+
 struct Buffers {
     float *h, *qkv, *attn, *tmp, *act;
 };
 
-Buffers carve(const StepDesc& s) {
+Buffers carve(const StepDesc& s, int nt) {
     const int64_t qkv_cols = (s.heads + 2 * s.kv_heads) * s.head_dim;
     Buffers b;
-    b.h = s.scratch;
-    b.qkv = b.h + s.T * s.hidden;
+    b.h = s.scratch;  // one [T, hidden] block per thread
+    b.qkv = b.h + nt * s.T * s.hidden;
     b.attn = b.qkv + s.T * qkv_cols;
     b.tmp = b.attn + s.T * s.heads * s.head_dim;
     b.act = b.tmp + s.T * s.hidden;
@@ -264,7 +266,43 @@ void matmul_share(const localchat_qweight* ws, const int64_t* cols, int n, const
     }
 }
 
-void attention_phase(const StepDesc& s, const LayerDesc& L, const Buffers& b, int tid, int nt) {
+// Bias, per-head norm and rope of token t's query heads [q0, q1) and KV heads [k0, k1), then those KV heads'
+// k and v into the cache.
+void prepare_heads(const StepDesc& s, const LayerDesc& L, const Buffers& b, int64_t t, int64_t q0, int64_t q1, int64_t k0,
+                   int64_t k1) {
+    const int64_t d = s.head_dim, q_cols = s.heads * d, kv_cols = s.kv_heads * d;
+    float* row = b.qkv + t * (q_cols + 2 * kv_cols);
+    const float* c = s.cos + t * (d / 2);
+    const float* sn = s.sin + t * (d / 2);
+    auto head = [&](float* x, const float* bias, const float* norm, bool rotate) {
+        if (bias)
+            for (int64_t i = 0; i < d; ++i) x[i] += bias[i];
+        if (norm) rmsnorm(x, norm, d, s.eps, x);
+        if (rotate) rope(x, c, sn, d);
+    };
+    const float* bias = L.qkv_bias;
+    for (int64_t h = q0; h < q1; ++h) head(row + h * d, bias ? bias + h * d : nullptr, L.q_norm, true);
+    const int64_t slot = s.slots[t];
+    for (int64_t h = k0; h < k1; ++h) {
+        float* k = row + q_cols + h * d;
+        float* v = row + q_cols + kv_cols + h * d;
+        head(k, bias ? bias + q_cols + h * d : nullptr, L.k_norm, true);
+        head(v, bias ? bias + q_cols + kv_cols + h * d : nullptr, nullptr, false);
+        if (slot < 0) continue;
+        const int64_t at = slot * kv_cols + h * d;
+        if (s.kv_bf16) {
+            for (int64_t i = 0; i < d; ++i) {
+                ((uint16_t*)L.k_cache)[at + i] = float_to_bf16_bits(k[i]);
+                ((uint16_t*)L.v_cache)[at + i] = float_to_bf16_bits(v[i]);
+            }
+        } else {
+            memcpy((float*)L.k_cache + at, k, (size_t)d * 4);
+            memcpy((float*)L.v_cache + at, v, (size_t)d * 4);
+        }
+    }
+}
+
+void attention_phase(const StepDesc& s, const LayerDesc& L, const Buffers& b, int tid, int nt, bool prepare) {
     const int64_t d = s.head_dim, group = s.heads / s.kv_heads;
     const int64_t qkv_cols = (s.heads + 2 * s.kv_heads) * d, row = s.kv_heads * d;
     int64_t max_ctx = 1;
@@ -282,6 +320,7 @@ void attention_phase(const StepDesc& s, const LayerDesc& L, const Buffers& b, in
     const int64_t items = s.T * s.kv_heads;
     for (int64_t item = tid; item < items; item += nt) {
         const int64_t t = item / s.kv_heads, g = item % s.kv_heads, ctx = s.token_ctx[t];
+        if (prepare) prepare_heads(s, L, b, t, g * group, (g + 1) * group, g, g + 1);
         const int32_t* table = s.block_tables + (int64_t)s.token_table[t] * s.table_stride;
         for (int64_t p = 0, blk = 0, off = 0; p < ctx; ++p) {  // no division per position
             rows[p] = ((int64_t)table[blk] * s.block_size + off) * row + g * d;
@@ -296,41 +335,10 @@ void attention_phase(const StepDesc& s, const LayerDesc& L, const Buffers& b, in
     }
 }
 
-// Bias, per-head norms and rope for token t's q and k heads, then its k and v into the cache.
-void prepare_token(const StepDesc& s, const LayerDesc& L, const Buffers& b, int64_t t) {
-    const int64_t d = s.head_dim, q_cols = s.heads * d, kv_cols = s.kv_heads * d;
-    float* row = b.qkv + t * (q_cols + 2 * kv_cols);
-    if (L.qkv_bias)
-        for (int64_t i = 0; i < q_cols + 2 * kv_cols; ++i) row[i] += L.qkv_bias[i];
-    const float* c = s.cos + t * (d / 2);
-    const float* sn = s.sin + t * (d / 2);
-    for (int64_t h = 0; h < s.heads + s.kv_heads; ++h) {
-        float* head = row + h * d;
-        const float* norm = h < s.heads ? L.q_norm : L.k_norm;
-        if (norm) rmsnorm(head, norm, d, s.eps, head);
-        rope(head, c, sn, d);
-    }
-    const int64_t slot = s.slots[t];
-    if (slot < 0) return;
-    const float* k = row + q_cols;
-    const float* v = k + kv_cols;
-    if (s.kv_bf16) {
-        uint16_t* kd = (uint16_t*)L.k_cache + slot * kv_cols;
-        uint16_t* vd = (uint16_t*)L.v_cache + slot * kv_cols;
-        for (int64_t i = 0; i < kv_cols; ++i) {
-            kd[i] = float_to_bf16_bits(k[i]);
-            vd[i] = float_to_bf16_bits(v[i]);
-        }
-    } else {
-        memcpy((float*)L.k_cache + slot * kv_cols, k, (size_t)kv_cols * 4);
-        memcpy((float*)L.v_cache + slot * kv_cols, v, (size_t)kv_cols * 4);
-    }
-}
-
 inline float silu(float z) { return z / (1.0f + expf(-z)); }
 
 // gate and up rows [r0, r1) for every token, then act = silu(gate) * up for those rows.
-void gate_up_share(const StepDesc& s, const LayerDesc& L, const Buffers& b, int tid, int nt) {
+void gate_up_share(const StepDesc& s, const LayerDesc& L, const Buffers& b, const float* h, int tid, int nt) {
     const int64_t unit = unit_of(L.gate, s.T) + unit_of(L.up, s.T);
     int64_t lo, hi, r0, r1;
     share_of(unit * s.inter, tid, nt, &lo, &hi);
@@ -340,8 +348,8 @@ void gate_up_share(const StepDesc& s, const LayerDesc& L, const Buffers& b, int 
     g.out_col = 0;
     u.out_col = s.inter;
     float* gu = b.act;  // [T, 2 * inter]: gate then up
-    run_rows(g, r0, r1, b.h, s.T, s.hidden, gu, 2 * s.inter);
-    run_rows(u, r0, r1, b.h, s.T, s.hidden, gu, 2 * s.inter);
+    run_rows(g, r0, r1, h, s.T, s.hidden, gu, 2 * s.inter);
+    run_rows(u, r0, r1, h, s.T, s.hidden, gu, 2 * s.inter);
     for (int64_t t = 0; t < s.T; ++t) {
         float* row = gu + t * 2 * s.inter;
         for (int64_t r = r0; r < r1; ++r) row[r] = silu(row[r]) * row[s.inter + r];
@@ -362,23 +370,36 @@ void residual_share(const StepDesc& s, const localchat_qweight& w, const float* 
         for (int64_t r = r0; r < r1; ++r) s.x[t * s.hidden + r] += b.tmp[t * s.hidden + r];
 }
 
-void layer(const StepDesc& s, const LayerDesc& L, const Buffers& b, int tid, int nt) {
+// Every thread normalizes the rows itself (a few hundred values a token) rather than waiting at a barrier for
+// one thread to do it: on these shared 2-core machines a barrier costs a whole time slice whenever another
+// process has taken one of the cores, so a layer keeps only the barriers its data flow needs.
+void normalize_rows(const StepDesc& s, const float* w, float* h) {
+    for (int64_t t = 0; t < s.T; ++t) rmsnorm(s.x + t * s.hidden, w, s.hidden, s.eps, h + t * s.hidden);
+}
+
+void layer(const StepDesc& s, const LayerDesc& L, const Buffers& b, float* h, int tid, int nt) {
     const int64_t d = s.head_dim, qkv_cols = (s.heads + 2 * s.kv_heads) * d;
-    for (int64_t t = tid; t < s.T; t += nt) rmsnorm(s.x + t * s.hidden, L.attn_norm, s.hidden, s.eps, b.h + t * s.hidden);
-#pragma omp barrier
+    normalize_rows(s, L.attn_norm, h);
     const localchat_qweight qkv[3] = {L.q, L.k, L.v};
     const int64_t cols[3] = {0, s.heads * d, (s.heads + s.kv_heads) * d};
-    matmul_share(qkv, cols, 3, b.h, s.T, s.hidden, b.qkv, qkv_cols, tid, nt);
+    matmul_share(qkv, cols, 3, h, s.T, s.hidden, b.qkv, qkv_cols, tid, nt);
 #pragma omp barrier
-    for (int64_t t = tid; t < s.T; t += nt) prepare_token(s, L, b, t);
+    if (s.T == 1) {
+        attention_phase(s, L, b, tid, nt, true);  // one token: each item stores the only K/V it reads anew
+    } else {
+        const int64_t group = s.heads / s.kv_heads;
+        for (int64_t item = tid; item < s.T * s.kv_heads; item += nt) {
+            const int64_t t = item / s.kv_heads, g = item % s.kv_heads;
+            prepare_heads(s, L, b, t, g * group, (g + 1) * group, g, g + 1);
+        }
 #pragma omp barrier
-    attention_phase(s, L, b, tid, nt);
+        attention_phase(s, L, b, tid, nt, false);
+    }
 #pragma omp barrier
     residual_share(s, L.o, b.attn, s.heads * d, b, tid, nt);
 #pragma omp barrier
-    for (int64_t t = tid; t < s.T; t += nt) rmsnorm(s.x + t * s.hidden, L.ffn_norm, s.hidden, s.eps, b.h + t * s.hidden);
-#pragma omp barrier
-    gate_up_share(s, L, b, tid, nt);
+    normalize_rows(s, L.ffn_norm, h);
+    gate_up_share(s, L, b, h, tid, nt);
 #pragma omp barrier
     residual_share(s, L.down, b.act, 2 * s.inter, b, tid, nt);
 #pragma omp barrier
@@ -401,10 +422,10 @@ int check_layer(const StepDesc& s, const LayerDesc& L) {
 
 extern "C" {
 
-// Floats of scratch a step of T tokens needs.
+// Floats of scratch a step of T tokens needs (the normalized rows are per thread, up to MAX_THREADS).
 int64_t localchat_step_scratch_floats(int64_t T, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                       int64_t inter) {
-    return T * (2 * hidden + (2 * heads + 2 * kv_heads) * head_dim + 2 * inter);
+    return T * ((MAX_THREADS + 1) * hidden + (2 * heads + 2 * kv_heads) * head_dim + 2 * inter);
 }
 
 // Runs every layer for the step's T tokens (see the top of this file). Returns 0, or <0 for a description
@@ -415,12 +436,13 @@ int localchat_decode_step(const StepDesc* sp) {
     if (s.head_dim <= 0 || s.head_dim % 2 || s.kv_heads <= 0 || s.heads % s.kv_heads || s.block_size <= 0) return -5;
     for (int64_t i = 0; i < s.num_layers; ++i)
         if (int err = check_layer(s, s.layers[i])) return err;
-    const Buffers b = carve(s);
-    const int nt = (int)std::max<int64_t>(1, s.num_threads);
+    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(s.num_threads, MAX_THREADS));
+    const Buffers b = carve(s, nt);
 #pragma omp parallel num_threads(nt)
     {
         const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        for (int64_t i = 0; i < s.num_layers; ++i) layer(s, s.layers[i], b, tid, n);
+        float* h = b.h + (int64_t)tid * s.T * s.hidden;  // this thread's normalized rows
+        for (int64_t i = 0; i < s.num_layers; ++i) layer(s, s.layers[i], b, h, tid, n);
     }
     return 0;
 }
