@@ -192,3 +192,37 @@ def test_bad_descriptions_are_refused():
         decode_step.StepPlan([decode_step.LayerTensors(**layers[0], k_cache=torch.zeros(shape, dtype=torch.float16),
                                                        v_cache=torch.zeros(shape, dtype=torch.float16))],
                              hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=1.0)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_one_token_over_a_long_context_splits_positions_across_threads(kv_dtype, monkeypatch):
+    """A decode row at a context of a few hundred tokens: each thread attends over its share of the positions
+    and the partial softmaxes are merged (csrc/decode_step.cpp attention_split)."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng, hd = np.random.default_rng(seed), 64
+    layers = make_layers(rng, Q.Q4_1, True, True, hd)
+    block_size, length = 16, 300
+    shape = (length // block_size + 4, block_size, KV_HEADS, hd)
+    caches = [(torch.full(shape, float("nan"), dtype=kv_dtype), torch.full(shape, float("nan"), dtype=kv_dtype)) for _ in layers]
+    plan = decode_step.StepPlan(
+        [decode_step.LayerTensors(**L, k_cache=kc, v_cache=vc) for L, (kc, vc) in zip(layers, caches)],
+        hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=hd**-0.5)
+    ref = Reference(layers, kv_dtype, hd)
+    table = list(rng.permutation(shape[0])[: length // block_size + 1])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    x = torch.from_numpy(rng.standard_normal((length, HIDDEN)).astype(np.float32))
+    freqs = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos().float(), freqs.sin().float()
+    slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(length)])
+    tables = torch.tensor([table], dtype=torch.int32)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the split needs more than one thread
+    plan.run(x[:-1].clone(), cos[:-1].contiguous(), sin[:-1].contiguous(), slots[:-1], tables,
+             torch.zeros(length - 1, dtype=torch.int32), torch.arange(1, length, dtype=torch.int32))
+    for p in range(length - 1):
+        ref.token(0, x[p].double(), freqs[p].cos(), freqs[p].sin())
+    expected = ref.token(0, x[-1].double(), freqs[-1].cos(), freqs[-1].sin())
+    got = plan.run(x[-1:].clone(), cos[-1:].contiguous(), sin[-1:].contiguous(), slots[-1:], tables,
+                   torch.zeros(1, dtype=torch.int32), torch.full((1,), length, dtype=torch.int32))
+    bf16 = kv_dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].double(), expected, atol=0.1 if bf16 else 2e-4, rtol=2e-2 if bf16 else 1e-3,
+                               msg=lambda m: f"seed {seed}: {m}")

@@ -123,7 +123,7 @@ inline __m512 load_kv16(const void* base, int64_t off) {
 // `rows[p]` is position p's element offset in the cache (block row + kv head), computed once per call.
 template <bool BF16>
 void attend_portable(const float* q, const void* k_cache, const void* v_cache, const int64_t* rows, int64_t ctx,
-                     int64_t d, int64_t group, float scale, float* scores, float* out) {
+                     int64_t d, int64_t group, float scale, float* scores, float* out, float* stats) {
     auto kv = [&](const void* base, int64_t off) {
         return BF16 ? bf16_bits_to_float(((const uint16_t*)base)[off]) : ((const float*)base)[off];
     };
@@ -143,6 +143,7 @@ void attend_portable(const float* q, const void* k_cache, const void* v_cache, c
         for (int64_t p = 0; p < ctx; ++p)
             for (int64_t i = 0; i < d; ++i) o[i] += s[p] * kv(v_cache, rows[p] + i);
         for (int64_t i = 0; i < d; ++i) o[i] /= total;
+        if (stats) stats[2 * g] = maximum, stats[2 * g + 1] = total;
     }
 }
 
@@ -153,7 +154,7 @@ void attend_portable(const float* q, const void* k_cache, const void* v_cache, c
 // in registers, so each V row is loaded once per H heads.
 template <bool BF16, int D, int H>
 void attend_avx(const float* q, const void* k_cache, const void* v_cache, const int64_t* rows, int64_t ctx,
-                int64_t group, float scale, float* scores, float* out) {
+                int64_t group, float scale, float* scores, float* out, float* stats) {
     constexpr int V = D / 16;
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t g = 0; g < group; ++g) {
@@ -174,7 +175,8 @@ void attend_avx(const float* q, const void* k_cache, const void* v_cache, const 
             _mm512_mask_storeu_ps(s + start, m, sc);
             maximum = _mm512_mask_max_ps(maximum, m, maximum, sc);
         }
-        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(maximum));
+        const float top = _mm512_reduce_max_ps(maximum);
+        const __m512 mx = _mm512_set1_ps(top);
         __m512 total = _mm512_setzero_ps();
         for (int64_t start = 0; start < ctx; start += 16) {
             const int n = (int)std::min<int64_t>(16, ctx - start);
@@ -184,6 +186,7 @@ void attend_avx(const float* q, const void* k_cache, const void* v_cache, const 
             total = _mm512_mask_add_ps(total, m, total, e);
         }
         scores[-1 - g] = _mm512_reduce_add_ps(total);  // the group's sums live just before the scores
+        if (stats) stats[2 * g] = top, stats[2 * g + 1] = scores[-1 - g];
     }
     for (int64_t g0 = 0; g0 < group; g0 += H) {
         const int h = (int)std::min<int64_t>(H, group - g0);
@@ -210,20 +213,23 @@ void attend_avx(const float* q, const void* k_cache, const void* v_cache, const 
 
 template <bool BF16>
 void attend(const float* q, const void* k_cache, const void* v_cache, const int64_t* rows, int64_t ctx, int64_t d,
-            int64_t group, float scale, float* scores, float* out) {
+            int64_t group, float scale, float* scores, float* out, float* stats = nullptr) {
 #ifdef LC_AVX512
-    if (d == 64) return attend_avx<BF16, 64, 4>(q, k_cache, v_cache, rows, ctx, group, scale, scores, out);
-    if (d == 128) return attend_avx<BF16, 128, 2>(q, k_cache, v_cache, rows, ctx, group, scale, scores, out);
+    if (d == 64) return attend_avx<BF16, 64, 4>(q, k_cache, v_cache, rows, ctx, group, scale, scores, out, stats);
+    if (d == 128) return attend_avx<BF16, 128, 2>(q, k_cache, v_cache, rows, ctx, group, scale, scores, out, stats);
 #endif
-    attend_portable<BF16>(q, k_cache, v_cache, rows, ctx, d, group, scale, scores, out);
+    attend_portable<BF16>(q, k_cache, v_cache, rows, ctx, d, group, scale, scores, out, stats);
 }
 
 // ---- one step ---------------------------------------------------------------------------------------------
 
 constexpr int64_t MAX_THREADS = 64;
+// From this context on, one token's attention is split over the threads by position (attention_split):
+// below it, the extra barrier costs more than the imbalance of whole KV heads per thread.
+constexpr int64_t SPLIT_CONTEXT = 256;
 
 struct Buffers {
-    float *h, *qkv, *attn, *tmp, *act;
+    float *h, *qkv, *attn, *tmp, *act, *partials;
 };
 
 Buffers carve(const StepDesc& s, int nt) {
@@ -234,6 +240,7 @@ Buffers carve(const StepDesc& s, int nt) {
     b.attn = b.qkv + s.T * qkv_cols;
     b.tmp = b.attn + s.T * s.heads * s.head_dim;
     b.act = b.tmp + s.T * s.hidden;
+    b.partials = b.act + s.T * 2 * s.inter;  // one token's attention split across threads: heads x (D + 2) each
     return b;
 }
 
@@ -302,36 +309,93 @@ void prepare_heads(const StepDesc& s, const LayerDesc& L, const Buffers& b, int6
     }
 }
 
+// This thread's scratch for one attention call: the group's sums, its scores, then position offsets.
+struct AttnScratch {
+    float* scores;
+    int64_t* rows;
+};
+
+AttnScratch attn_scratch(int64_t group, int64_t ctx) {
+    static thread_local float* data = nullptr;
+    static thread_local int64_t capacity = 0;  // floats
+    const int64_t need = group + group * ctx + 2 * ctx + 2;
+    if (need > capacity) {
+        free(data);
+        capacity = need * 2;
+        data = (float*)malloc((size_t)capacity * sizeof(float));
+    }
+    float* scores = data + group;
+    const int64_t rows_at = (group + group * ctx + 1) & ~(int64_t)1;  // 8-byte aligned
+    return {scores, (int64_t*)(data + rows_at)};
+}
+
+// Offsets in the cache of positions [p0, p1) of token t's sequence, for KV head g (no division per position).
+void position_rows(const StepDesc& s, int64_t t, int64_t g, int64_t p0, int64_t p1, int64_t* rows) {
+    const int32_t* table = s.block_tables + (int64_t)s.token_table[t] * s.table_stride;
+    const int64_t row = s.kv_heads * s.head_dim;
+    for (int64_t p = p0, blk = p0 / s.block_size, off = p0 % s.block_size; p < p1; ++p) {
+        rows[p - p0] = ((int64_t)table[blk] * s.block_size + off) * row + g * s.head_dim;
+        if (++off == s.block_size) off = 0, ++blk;
+    }
+}
+
+void attend_any(const StepDesc& s, const LayerDesc& L, const float* q, const int64_t* rows, int64_t n, float* scores,
+                float* out, float* stats) {
+    const int64_t group = s.heads / s.kv_heads;
+    if (s.kv_bf16)
+        attend<true>(q, L.k_cache, L.v_cache, rows, n, s.head_dim, group, s.scale, scores, out, stats);
+    else
+        attend<false>(q, L.k_cache, L.v_cache, rows, n, s.head_dim, group, s.scale, scores, out, stats);
+}
+
 void attention_phase(const StepDesc& s, const LayerDesc& L, const Buffers& b, int tid, int nt, bool prepare) {
     const int64_t d = s.head_dim, group = s.heads / s.kv_heads;
-    const int64_t qkv_cols = (s.heads + 2 * s.kv_heads) * d, row = s.kv_heads * d;
+    const int64_t qkv_cols = (s.heads + 2 * s.kv_heads) * d;
     int64_t max_ctx = 1;
     for (int64_t t = 0; t < s.T; ++t) max_ctx = s.token_ctx[t] > max_ctx ? s.token_ctx[t] : max_ctx;
-    static thread_local float* scratch = nullptr;
-    static thread_local int64_t capacity = 0;  // floats: the group's sums, then its scores, then position offsets
-    const int64_t need = group + group * max_ctx + 2 * max_ctx;
-    if (need > capacity) {
-        free(scratch);
-        capacity = need * 2;
-        scratch = (float*)malloc((size_t)capacity * sizeof(float));
-    }
-    float* scores = scratch + group;
-    int64_t* rows = (int64_t*)(scores + group * max_ctx);
-    const int64_t items = s.T * s.kv_heads;
-    for (int64_t item = tid; item < items; item += nt) {
+    const AttnScratch w = attn_scratch(group, max_ctx);
+    for (int64_t item = tid; item < s.T * s.kv_heads; item += nt) {
         const int64_t t = item / s.kv_heads, g = item % s.kv_heads, ctx = s.token_ctx[t];
         if (prepare) prepare_heads(s, L, b, t, g * group, (g + 1) * group, g, g + 1);
-        const int32_t* table = s.block_tables + (int64_t)s.token_table[t] * s.table_stride;
-        for (int64_t p = 0, blk = 0, off = 0; p < ctx; ++p) {  // no division per position
-            rows[p] = ((int64_t)table[blk] * s.block_size + off) * row + g * d;
-            if (++off == s.block_size) off = 0, ++blk;
+        position_rows(s, t, g, 0, ctx, w.rows);
+        attend_any(s, L, b.qkv + t * qkv_cols + g * group * d, w.rows, ctx, w.scores, b.attn + t * s.heads * d + g * group * d, nullptr);
+    }
+}
+
+// One token over a long context: each thread takes its share of the positions of every KV head (a few KV
+// heads don't divide evenly over the threads), then the partial softmaxes are merged:
+// out = sum_p e^(m_p - M) l_p out_p / sum_p e^(m_p - M) l_p, with out_p normalized within part p.
+void attention_split(const StepDesc& s, const LayerDesc& L, const Buffers& b, int tid, int nt) {
+    const int64_t d = s.head_dim, group = s.heads / s.kv_heads, ctx = s.token_ctx[0];
+    for (int64_t g = tid; g < s.kv_heads; g += nt) prepare_heads(s, L, b, 0, g * group, (g + 1) * group, g, g + 1);
+#pragma omp barrier
+    const int64_t p0 = ctx * tid / nt, p1 = ctx * (tid + 1) / nt;
+    const int64_t part = group * (d + 2);  // one (KV head, thread) part: outputs then (max, sum) per head
+    if (p1 > p0) {
+        const AttnScratch w = attn_scratch(group, p1 - p0);
+        for (int64_t g = 0; g < s.kv_heads; ++g) {
+            float* out = b.partials + (g * nt + tid) * part;
+            position_rows(s, 0, g, p0, p1, w.rows);
+            attend_any(s, L, b.qkv + g * group * d, w.rows, p1 - p0, w.scores, out, out + group * d);
         }
-        const float* q = b.qkv + t * qkv_cols + g * group * d;
-        float* out = b.attn + t * s.heads * d + g * group * d;
-        if (s.kv_bf16)
-            attend<true>(q, L.k_cache, L.v_cache, rows, ctx, d, group, s.scale, scores, out);
-        else
-            attend<false>(q, L.k_cache, L.v_cache, rows, ctx, d, group, s.scale, scores, out);
+    }
+#pragma omp barrier
+    for (int64_t g = tid; g < s.kv_heads; g += nt) {
+        for (int64_t i = 0; i < group; ++i) {
+            float top = -INFINITY, total = 0.0f;
+            for (int p = 0; p < nt; ++p)
+                if (ctx * (p + 1) / nt > ctx * p / nt) top = std::max(top, b.partials[(g * nt + p) * part + group * d + 2 * i]);
+            float* o = b.attn + (g * group + i) * d;
+            for (int64_t k = 0; k < d; ++k) o[k] = 0.0f;
+            for (int p = 0; p < nt; ++p) {
+                if (ctx * (p + 1) / nt <= ctx * p / nt) continue;
+                const float* src = b.partials + (g * nt + p) * part;
+                const float weight = expf(src[group * d + 2 * i] - top) * src[group * d + 2 * i + 1];
+                total += weight;
+                for (int64_t k = 0; k < d; ++k) o[k] += weight * src[i * d + k];
+            }
+            for (int64_t k = 0; k < d; ++k) o[k] /= total;
+        }
     }
 }
 
@@ -384,7 +448,9 @@ void layer(const StepDesc& s, const LayerDesc& L, const Buffers& b, float* h, in
     const int64_t cols[3] = {0, s.heads * d, (s.heads + s.kv_heads) * d};
     matmul_share(qkv, cols, 3, h, s.T, s.hidden, b.qkv, qkv_cols, tid, nt);
 #pragma omp barrier
-    if (s.T == 1) {
+    if (s.T == 1 && nt > 1 && s.token_ctx[0] >= SPLIT_CONTEXT) {
+        attention_split(s, L, b, tid, nt);
+    } else if (s.T == 1) {
         attention_phase(s, L, b, tid, nt, true);  // one token: each item stores the only K/V it reads anew
     } else {
         const int64_t group = s.heads / s.kv_heads;
@@ -425,7 +491,8 @@ extern "C" {
 // Floats of scratch a step of T tokens needs (the normalized rows are per thread, up to MAX_THREADS).
 int64_t localchat_step_scratch_floats(int64_t T, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                       int64_t inter) {
-    return T * ((MAX_THREADS + 1) * hidden + (2 * heads + 2 * kv_heads) * head_dim + 2 * inter);
+    return T * ((MAX_THREADS + 1) * hidden + (2 * heads + 2 * kv_heads) * head_dim + 2 * inter) +
+           MAX_THREADS * heads * (head_dim + 2);
 }
 
 // Runs every layer for the step's T tokens (see the top of this file). Returns 0, or <0 for a description
