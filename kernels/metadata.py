@@ -26,6 +26,8 @@ class AttentionMetadata:
     block_size: int
     # Per-step values a backend derives once and reuses in every layer (e.g. gather indices, masks).
     scratch: dict = field(default_factory=dict, repr=False, compare=False)
+    # The kernels module an engine asked for (kernels.select_backend); None: the tensors' device decides.
+    backend: object = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

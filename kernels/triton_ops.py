@@ -71,9 +71,20 @@ POISON_SCRATCH = False
 # 128), while 32 x 32 fits; float16/bfloat16 at 64 x 64 use at most 188 registers without spilling.
 DECODE_BLOCK_N = 64
 PREFILL_TILES = {torch.float16: (64, 64), torch.bfloat16: (64, 64), torch.float32: (32, 32)}
+WRITE_TOKENS_PER_PROGRAM = 1
 
 _NEG = tl.constexpr(-1.0e30)  # the running max starts finite, so exp2(m_old - m_new) is never exp2(-inf + inf) = NaN
 _LOG2E = 1.4426950408889634
+
+
+def use_interpreter_tiles() -> None:
+    """Tiles for running a whole model under the interpreter (`--attention triton` on the CPU), where each loop
+    iteration of a program costs a Python round trip whatever its size: a few large tiles instead of many small
+    ones (~10x fewer iterations). Kernel tests keep the GPU tiles, which exercise more tile boundaries."""
+    global DECODE_BLOCK_N, PREFILL_TILES, WRITE_TOKENS_PER_PROGRAM
+    DECODE_BLOCK_N = 256
+    PREFILL_TILES = {dtype: (512, 256) for dtype in PREFILL_TILES}
+    WRITE_TOKENS_PER_PROGRAM = 64
 
 
 def interpreter_enabled() -> bool:
@@ -109,19 +120,22 @@ def _write_kv_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_kcb, stride_kcs, stride_kch, stride_kcd,
     stride_vcb, stride_vcs, stride_vch, stride_vcd,
-    KV_HEADS, HEAD_DIM,
-    BLOCK_SIZE: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    KV_HEADS, HEAD_DIM, NUM_TOKENS,
+    BLOCK_SIZE: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, T_BLK: tl.constexpr,
 ):
-    tok = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + tok)
-    keep = slot >= 0
-    slot = tl.where(keep, slot, 0)
-    blk = slot // BLOCK_SIZE
-    off = slot % BLOCK_SIZE
-    h = tl.arange(0, H_PAD)[:, None]
-    d = tl.arange(0, D_PAD)[None, :]
-    # A skipped slot masks every head. Folded into the bound rather than `& keep`: the interpreter (triton
-    # 3.9) turns a vector & scalar-bool into integers, which tl.store then rejects as a mask.
+    # T_BLK tokens a program: 1 on the GPU; many under the interpreter, where every program is a Python round trip.
+    t = tl.program_id(0).to(tl.int64) * T_BLK + tl.arange(0, T_BLK)
+    slot = tl.load(slot_ptr + t, mask=t < NUM_TOKENS, other=-1)
+    slot3 = slot[:, None, None]
+    keep = slot3 >= 0
+    slot3 = tl.where(keep, slot3, 0)
+    blk = slot3 // BLOCK_SIZE
+    off = slot3 % BLOCK_SIZE
+    tok = t[:, None, None]
+    h = tl.arange(0, H_PAD)[None, :, None]
+    d = tl.arange(0, D_PAD)[None, None, :]
+    # A skipped slot (or a token past the end) masks every head: folded into the bound, because the
+    # interpreter (triton 3.9) turns a vector & scalar-bool into integers, which tl.store rejects as a mask.
     mask = (h < tl.where(keep, KV_HEADS, 0)) & (d < HEAD_DIM)
     k = tl.load(key_ptr + tok * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
     v = tl.load(value_ptr + tok * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
@@ -147,11 +161,12 @@ def write_kv(
         key = key.to(k_cache.dtype)
     if value.dtype != v_cache.dtype:
         value = value.to(v_cache.dtype)
-    _write_kv_kernel[(tokens,)](
+    t_blk = WRITE_TOKENS_PER_PROGRAM
+    _write_kv_kernel[(triton.cdiv(tokens, t_blk),)](
         key, value, k_cache, v_cache, slot_mapping,
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
-        kv_heads, head_dim,
-        BLOCK_SIZE=block_size, H_PAD=_next_pow2(kv_heads), D_PAD=_next_pow2(head_dim),
+        kv_heads, head_dim, tokens,
+        BLOCK_SIZE=block_size, H_PAD=_next_pow2(kv_heads), D_PAD=_next_pow2(head_dim), T_BLK=t_blk,
     )
 
 

@@ -300,7 +300,10 @@ def test_padding_sequence_is_finite(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_kv_matches_torch(seed, dtype):
+@pytest.mark.parametrize("tokens_per_program", [1, 4])
+def test_write_kv_matches_torch(seed, dtype, monkeypatch, tokens_per_program):
+    # One token a program as on the GPU; several as whole models run under the interpreter (a partial last program).
+    monkeypatch.setattr(triton_ops, "WRITE_TOKENS_PER_PROGRAM", tokens_per_program)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     num_blocks, block_size, kv_heads, head_dim = 6, 8, 3, 64
