@@ -196,12 +196,12 @@ def test_load_rejects_missing_and_unknown_tensors():
 
 
 def test_unsupported_model_type():
-    from transformers import MistralConfig
+    from transformers import Phi3Config
 
     from localchat.model.llama import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="mistral"):
-        LlamaForCausalLM(MistralConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=8))
+    with pytest.raises(UnsupportedModelError, match="phi3"):
+        LlamaForCausalLM(Phi3Config(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=8))
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,25 @@ def llama_cpp_throughput(llama, work: list[tuple[list[int], int]]) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def llama_cpp_perplexity(gguf_path: str, ids: list[int]) -> float | None:
+    """llama.cpp's perplexity of token_ids[1:] (the same ids as ours), or None without llama-cpp-python."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import numpy as np
+    from llama_cpp import Llama  # type: ignore
+
+    with quiet_llama_cpp():
+        llama = Llama(model_path=gguf_path, n_ctx=max(512, len(ids) + 16), n_threads=torch.get_num_threads(),
+                      n_batch=512, logits_all=True, verbose=False)
+    llama.reset()
+    llama.eval(ids)
+    logits = np.asarray(llama.scores[: len(ids) - 1], dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    nll = -logprobs[np.arange(len(ids) - 1), ids[1:]].mean()
+    return float(np.exp(nll))
+
+
 def quiet_llama_cpp():
     """llama.cpp logs every tensor it loads to stderr; its Python package mutes that this way."""
     try:

@@ -3,10 +3,14 @@
 Suites (see benchmarks/NOTES.md for what each measures and the figures on this machine):
   throughput  a seeded ShareGPT-like workload, all submitted at once, against transformers' `generate`
               in static padded batches (same dtype, same threads): generated tokens/s and the ratio
-  decode      single-sequence decode tok/s against transformers
+  decode      single-sequence decode tok/s against transformers and llama.cpp, also at a 1,000-token context,
+              and the weight bytes a step streams
+  quality     the GGUF's quantized weights against their float32 dequantization: greedy replies, perplexity
   sharing     n=4 sampling and beam width 4 on a long prompt: peak blocks with sharing against without
   multiturn   time to first token of turn k of a chat, prefix cache on against off
   memory      kv_utilization at the throughput run's peak against transformers' padded cache for the same batches
+  page        one reply streaming in the app's page (Chromium) against `localchat generate`, memory panel
+              closed and open; branch-click and regenerate latencies (localchat/bench/page.py)
 llama-cpp-python, when installed, is run on the model's GGUF for decode and throughput; it is never a dependency.
 """
 
@@ -29,10 +33,13 @@ from localchat.bench.baselines import (
     llama_cpp_model,
     llama_cpp_throughput,
 )
+from localchat.bench.page import suite_page
+from localchat.bench.quality import suite_quality
 from localchat.bench.report import Report, loadavg
 from localchat.bench.workloads import BenchContext, Sizes, bench_params, make_workload, run_engine
+from localchat.model.loader import dense_bytes_per_token
 
-SUITES = ("throughput", "decode", "sharing", "multiturn", "memory")
+SUITES = ("throughput", "decode", "quality", "sharing", "multiturn", "memory", "page")
 
 
 # ---- suites ------------------------------------------------------------------------------------
@@ -146,51 +153,68 @@ def suite_decode(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -
     n = sizes.decode_tokens
     engine = ctx.engine(kv_cache_gb=0.1 if sizes.kv_cache_gb >= 0.1 else sizes.kv_cache_gb, enable_prefix_cache=False)
     run_engine(engine, [(prompt, bench_params(4))])  # warm-up
-
-    def ours_once() -> tuple[float, list[int]]:
-        req = engine.make_request(prompt_token_ids=prompt, params=bench_params(n))
-        engine.add(req)
-        stamps = []
-        while engine.has_unfinished():
-            engine.step()
-            stamps.append(time.perf_counter())
-        # stamps[0] ends the prefill step (which samples the first token); the rest are one token each.
-        return (n - 1) / (stamps[-1] - stamps[0]), req.seqs[0].output_token_ids
-
-    runs = [ours_once() for _ in range(sizes.decode_repeats)]
+    runs = [_decode_once(engine, prompt, n) for _ in range(sizes.decode_repeats)]
     ours = statistics.median(r for r, _ in runs)
     ids_ours = runs[0][1]
-    del engine
     state["decode_ids_ours"] = ids_ours
-    details = report.details["decode"] = {"prompt_tokens": len(prompt), "tokens": n, "runs_ours": [r for r, _ in runs]}
+    details = report.details["decode"] = {"prompt_tokens": len(prompt), "tokens": n, "runs_ours": [r for r, _ in runs],
+                                          "weights": ctx.weights}
     if ctx.hf_model is not None:
-        pad = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None and ctx.tokenizer.pad_token_id is not None else 0
-        hf_generate_batch(ctx.hf_model, [prompt], 4, pad)
-
-        def hf_once() -> tuple[float, list[int]]:
-            t0 = time.perf_counter()
-            hf_generate_batch(ctx.hf_model, [prompt], 1, pad)
-            t1 = time.perf_counter()
-            ids, _ = hf_generate_batch(ctx.hf_model, [prompt], n, pad)
-            t2 = time.perf_counter()
-            return (n - 1) / max((t2 - t1) - (t1 - t0), 1e-9), ids[0].tolist()
-
-        hf_runs = [hf_once() for _ in range(sizes.decode_repeats)]
-        hf = statistics.median(r for r, _ in hf_runs)
+        hf_runs = [_hf_decode_once(ctx, prompt, n) for _ in range(sizes.decode_repeats)]
         ids_hf = hf_runs[0][1]
         agree = next((i for i, (a, b) in enumerate(zip(ids_ours, ids_hf)) if a != b), min(len(ids_ours), len(ids_hf)))
         details.update({"runs_transformers": [r for r, _ in hf_runs], "greedy_prefix_agreement": agree})
-        report.add("decode", "single-sequence decode", ours, hf, "transformers generate", "tok/s")
+        report.add("decode", "single-sequence decode", ours, statistics.median(r for r, _ in hf_runs), "transformers generate", "tok/s")
     else:
         report.add("decode", "single-sequence decode", ours, None, "", "tok/s")
+    _decode_llama_cpp(ctx, report, details, "single-sequence decode", ours, prompt, n, sizes.decode_repeats)
+    # Decode slows as attention grows: the same at a long context.
+    long_prompt = [rng.randrange(min(100, vocab // 4), vocab) for _ in range(sizes.decode_long_prompt)]
+    long_runs = [_decode_once(engine, long_prompt, n)[0] for _ in range(sizes.decode_repeats)]
+    details["runs_ours_long"] = long_runs
+    metric = f"decode at a {sizes.decode_long_prompt:,}-token context"
+    if not _decode_llama_cpp(ctx, report, details, metric, statistics.median(long_runs), long_prompt, n, sizes.decode_repeats, "_long"):
+        report.add("decode", metric, statistics.median(long_runs), None, "", "tok/s")
+    dense = dense_bytes_per_token(ctx.loaded.model)
+    report.add("decode", "weight MB streamed per token", (ctx.loaded.weight_bytes_per_token or dense) / 1e6, dense / 1e6,
+               f"the same weights dense ({str(ctx.dtype).removeprefix('torch.')})", "MB")
+    del engine
+
+
+def _decode_once(engine, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    req = engine.make_request(prompt_token_ids=prompt, params=bench_params(n))
+    engine.add(req)
+    stamps = []
+    while engine.has_unfinished():
+        engine.step()
+        stamps.append(time.perf_counter())
+    # stamps[0] ends the prefill step (which samples the first token); the rest are one token each.
+    return (n - 1) / (stamps[-1] - stamps[0]), req.seqs[0].output_token_ids
+
+
+def _hf_decode_once(ctx: BenchContext, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None and ctx.tokenizer.pad_token_id is not None else 0
+    hf_generate_batch(ctx.hf_model, [prompt], 2, pad)  # warm
+    t0 = time.perf_counter()
+    hf_generate_batch(ctx.hf_model, [prompt], 1, pad)
+    t1 = time.perf_counter()
+    ids, _ = hf_generate_batch(ctx.hf_model, [prompt], n, pad)
+    t2 = time.perf_counter()
+    return (n - 1) / max((t2 - t1) - (t1 - t0), 1e-9), ids[0].tolist()
+
+
+def _decode_llama_cpp(ctx, report, details, metric, ours, prompt, n, repeats, suffix="") -> bool:
     llama = llama_cpp_model(ctx)
-    if llama is not None:
-        try:
-            lc_runs = [llama_cpp_decode(llama, prompt, n) for _ in range(sizes.decode_repeats)]
-            details["runs_llama_cpp"] = lc_runs
-            report.add("decode", "single-sequence decode", ours, statistics.median(lc_runs), "llama.cpp (same GGUF)", "tok/s")
-        except Exception as exc:  # pragma: no cover
-            report.skipped["decode/llama.cpp"] = f"{type(exc).__name__}: {exc}"
+    if llama is None:
+        return False
+    try:
+        runs = [llama_cpp_decode(llama, prompt, n) for _ in range(repeats)]
+    except Exception as exc:  # pragma: no cover - an optional baseline must not end the bench
+        report.skipped[f"decode/llama.cpp{suffix}"] = f"{type(exc).__name__}: {exc}"
+        return False
+    details[f"runs_llama_cpp{suffix}"] = runs
+    report.add("decode", metric, ours, statistics.median(runs), "llama.cpp (same GGUF)", "tok/s")
+    return True
 
 
 def suite_sharing(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -> None:
@@ -238,7 +262,7 @@ def _beam_search_unavailable() -> str | None:
 
 def suite_multiturn(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -> None:
     """Turn k's prompt = turn k-1's prompt + its reply ids + the template's ids for the new user message."""
-    from localchat.model.chat_template import continuation_ids
+    from localchat.model.chat_template import continuation_ids, prompt_ids
 
     tok = ctx.tokenizer
     rng = random.Random(3)
@@ -249,7 +273,7 @@ def suite_multiturn(ctx: BenchContext, sizes: Sizes, report: Report, state: dict
         return " ".join(rng.choice(words) for _ in range(sizes.multiturn_user_tokens))
 
     messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": user_msg()}]
-    prompt = list(tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"])
+    prompt = prompt_ids(tok, messages)
     on = ctx.engine(kv_cache_gb=max(sizes.kv_cache_gb / 4, 0.01), enable_prefix_cache=True)
     off = ctx.engine(kv_cache_gb=max(sizes.kv_cache_gb / 4, 0.01), enable_prefix_cache=False)
     # Warm both so the first turn doesn't pay one-time costs.
@@ -296,9 +320,11 @@ def suite_memory(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -
 SUITE_FUNCS: dict[str, Callable[[BenchContext, Sizes, Report, dict], None]] = {
     "throughput": suite_throughput,
     "decode": suite_decode,
+    "quality": suite_quality,
     "sharing": suite_sharing,
     "multiturn": suite_multiturn,
     "memory": suite_memory,
+    "page": suite_page,
 }
 
 

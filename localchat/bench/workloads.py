@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ class Sizes:
     decode_prompt: int = 32
     decode_tokens: int = 256
     decode_repeats: int = 3  # each side's figure is the median of this many runs (one noisy run can't decide it)
+    decode_long_prompt: int = 1000  # decode at a long context: attention reads ~1,000 tokens of K/V per step
+    quality_tokens: int = 64  # greedy reply length for the quality suite's agreement
     sharing_prompt: int = 1000
     sharing_tokens: int = 128
     multiturn_turns: int = 8
@@ -34,6 +36,11 @@ class Sizes:
     batched_seqs: tuple[int, ...] = (8, 64)
     batched_prompt: int = 128
     batched_tokens: int = 128
+    # The page (localchat/bench/page.py): one greedy reply of page_tokens in the page and in `generate`,
+    # page_repeats times each; regenerate with a history of page_history_tokens.
+    page_tokens: int = 256
+    page_repeats: int = 3
+    page_history_tokens: int = 1500
 
     @classmethod
     def preset(cls, name: str) -> "Sizes":
@@ -41,16 +48,17 @@ class Sizes:
             return cls()
         if name == "quick":
             return cls(
-                num_requests=24, prompt_range=(16, 600), output_range=(16, 128), hf_batch=8, decode_tokens=64,
+                num_requests=24, prompt_range=(16, 600), output_range=(16, 128), hf_batch=8, decode_tokens=64, quality_tokens=32,
                 sharing_prompt=500, sharing_tokens=32, multiturn_turns=5, multiturn_user_tokens=100,
                 multiturn_reply_tokens=16, kv_cache_gb=0.5, batched_seqs=(8,), batched_prompt=64, batched_tokens=64,
+                page_tokens=128, page_repeats=1,
             )
         if name == "tiny":  # the smoke test's tiny model: seconds
             return cls(
                 num_requests=6, prompt_range=(4, 40), output_range=(2, 12), hf_batch=4, decode_prompt=8,
-                decode_tokens=8, decode_repeats=1, sharing_prompt=40, sharing_tokens=6, multiturn_turns=3, multiturn_user_tokens=12,
+                decode_tokens=8, decode_repeats=1, decode_long_prompt=60, quality_tokens=6, sharing_prompt=40, sharing_tokens=6, multiturn_turns=3, multiturn_user_tokens=12,
                 multiturn_reply_tokens=4, kv_cache_gb=0.01, max_num_batched_tokens=64, batched_seqs=(2,),
-                batched_prompt=6, batched_tokens=4,
+                batched_prompt=6, batched_tokens=4, page_tokens=200, page_repeats=1, page_history_tokens=120,
             )
         raise ValueError(f"unknown size preset {name!r}")
 
@@ -63,6 +71,15 @@ class BenchContext:
     loaded: Any  # localchat.model.LoadedModel: our engines are built on it
     hf_model: Any = None  # transformers model on the same weights and dtype (the baseline)
     gguf_path: str | None = None  # for llama.cpp, when it is installed
+    reference: Any = None  # the float32 dequantization of the same weights (loaded when the quality suite asks)
+    engine_defaults: dict = field(default_factory=dict)  # EngineConfig values every engine of the run gets (--attention)
+
+    def float32_reference(self):
+        if self.reference is None:
+            from localchat.model import load_model
+
+            self.reference = load_model(self.loaded.spec or self.model_name, device="cpu", weights="float32")
+        return self.reference
 
     @property
     def hf_config(self) -> Any:
@@ -80,20 +97,25 @@ class BenchContext:
     def model_name(self) -> str:
         return self.loaded.name
 
+    @property
+    def weights(self) -> str:
+        return getattr(self.loaded, "weights", str(self.loaded.dtype).removeprefix("torch."))
+
     def engine(self, **config: Any):
         from localchat.engine import Engine, EngineConfig
 
-        return Engine.from_loaded(self.loaded, EngineConfig(**config))
+        return Engine.from_loaded(self.loaded, EngineConfig(**{**self.engine_defaults, **config}))
 
 
-def load_context(model_name: str | None, dtype: torch.dtype | str | None) -> BenchContext:
+def load_context(model_name: str | None, dtype: torch.dtype | str | None, weights: str | None = None) -> BenchContext:
+    """Our model as a user would run it (a GGUF's own quantized weights by default on the CPU), and
+    transformers on the same weights in the dtype of our dense path (the baseline)."""
     from transformers import AutoModelForCausalLM
 
-    from localchat.model import default_dtype, load_model, parse_dtype
+    from localchat.model import load_model
 
-    torch_dtype = parse_dtype(dtype) if dtype else default_dtype("cpu")
-    loaded = load_model(model_name, dtype=torch_dtype, device="cpu")
-    hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch_dtype).eval()
+    loaded = load_model(model_name, dtype=dtype, device="cpu", weights=weights)
+    hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.dtype).eval()
     return BenchContext(loaded=loaded, hf_model=hf, gguf_path=find_gguf(loaded.spec))
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from localchat.cli.common import add_engine_args, add_sampling_args, engine_from_args, error, sampling_from_args
+from localchat.text import decode_utf8
 
 def _output_json(out, model_name: str) -> dict:
     return {
@@ -32,6 +33,7 @@ def _output_json(out, model_name: str) -> dict:
             "generated_tokens": out.metrics.num_generated_tokens,
             "time_to_first_token_s": out.metrics.time_to_first_token,
         },
+        **({"error": out.error} if out.error is not None else {}),
     }
 
 
@@ -60,6 +62,7 @@ def _request_from_line(line: str, lineno: int, args: argparse.Namespace) -> dict
         request["params"] = sampling_from_args(args, {k: tuple(v) if isinstance(v, list) else v for k, v in item.items()})
     except (ValueError, TypeError) as exc:
         raise ValueError(f"--requests line {lineno}: {exc}") from None
+    request["line"] = lineno
     return request
 
 
@@ -70,9 +73,16 @@ def _requests(args: argparse.Namespace, params) -> list[dict]:
             return [{"messages": [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}], "params": params}]
         return [{"prompt": args.prompt, "params": params}]
     path = Path(args.requests)
-    if not path.exists():
+    if not path.is_file():
         raise ValueError(f"no such file: {path}")
-    return [_request_from_line(line, lineno, args) for lineno, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    try:
+        text = decode_utf8(path.read_bytes(), f"--requests {path}")  # TextError (a ValueError) names the bad byte
+    except OSError as exc:
+        raise ValueError(f"cannot read --requests {path}: {exc.strerror or exc}") from None
+    requests = [_request_from_line(line, lineno, args) for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not requests:
+        raise ValueError(f"--requests {path} holds no requests (one JSON object a line)")
+    return requests
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -84,13 +94,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params = sampling_from_args(args)
         requests = _requests(args, params)
         engine = engine_from_args(args)  # unknown models and bad sizes are ValueErrors too
-        ids = [engine.add_request(**r) for r in requests]
+        ids = [_add(engine, r) for r in requests]
     except (RequestError, ValueError) as exc:
         return error(str(exc))
     stream_text = not args.json and args.requests is None and params.n == 1 and not params.is_beam_search
     started = time.perf_counter()
     finals = _run(engine, args, stream_text)
     elapsed = time.perf_counter() - started
+    failed = [f for f in finals.values() if f.error is not None]
+    for f in failed:  # the engine failed these requests alone (a fault in their step); the rest ran
+        print(f"error: request {f.request_id}: {f.error}", file=sys.stderr)
+    if failed and args.requests is None:
+        return 1
     if args.requests is not None:
         _print_totals(engine, finals, len(ids), elapsed)
     elif args.json:
@@ -102,6 +117,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- {o.index} ({o.finish_reason}, logprob {o.cumulative_logprob:.2f})")
             print(o.text)
     return 0
+
+
+def _add(engine, request: dict) -> str:
+    line = request.pop("line", None)
+    try:
+        return engine.add_request(**request)
+    except ValueError as exc:  # RequestError too: say which line of --requests it came from
+        raise ValueError(f"--requests line {line}: {exc}" if line is not None else str(exc)) from None
 
 
 def _run(engine, args: argparse.Namespace, stream_text: bool) -> dict:
@@ -130,6 +153,7 @@ def _print_totals(engine, finals: dict, num_requests: int, elapsed: float) -> No
         "generated_tokens_per_s": generated / elapsed if elapsed > 0 else 0.0,
         "steps": engine.steps,
     }
+    totals["failed"] = sum(f.error is not None for f in finals.values())
     print(json.dumps({"totals": totals, "memory": engine.memory()}), flush=True)
 
 
@@ -145,6 +169,7 @@ def _print_json(engine, final, params, elapsed: float) -> None:
             "cow_copies": memory["cow_copies"],
         }
     doc["seconds"] = elapsed
+    doc.update(engine.weights)  # which weights ran, and the bytes of weights a decode step streams
     print(json.dumps(doc, indent=2))
 
 

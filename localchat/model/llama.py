@@ -1,4 +1,8 @@
-"""Our forward pass for the Llama family (Llama 2/3, SmolLM2) over a paged KV pool.
+"""Our forward pass for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3) over a paged KV pool.
+
+What sets each architecture apart (Q/K/V bias, per-head q/k norm, rope scaling) is read from the config by
+localchat/model/architectures.py and lives here as plain parameters of the layer: `qkv_proj.bias`,
+`o_proj.bias`, `q_norm.weight`/`k_norm.weight`, so anything else that runs these weights sees them too.
 
 transformers supplies config and weights; everything here runs on a flattened token batch (no padding):
 the model runner concatenates every scheduled sequence's new tokens and describes them with
@@ -20,14 +24,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import kernels
 from kernels import AttentionMetadata
-
-SUPPORTED_MODEL_TYPES = ("llama",)
-
-
-class UnsupportedModelError(ValueError):
-    """A model this forward does not run (another architecture, or a Llama variant it refuses on purpose).
-
-    A ValueError, so the CLI and the UI report it as bad input instead of crashing."""
+from localchat.model.architectures import (
+    SUPPORTED_MODEL_TYPES,
+    Architecture,
+    UnsupportedModelError,
+    check_context,
+    check_rope,
+    check_supported,
+)
 
 
 def rope_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
@@ -35,30 +39,29 @@ def rope_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
 
     "dynamic" uses its base frequencies, which is exactly what transformers does up to
     max_position_embeddings; beyond it transformers rescales per batch, which would make outputs depend on
-    batching, so we don't follow it there. "longrope" switches tables per batch too and is refused.
+    batching, so we don't follow it there. "longrope" switches tables per batch too and is refused
+    (localchat/model/architectures.py check_rope says what is refused and why).
+
+    `config.rope_freq_factors` (set by the GGUF conversion in localchat/model/loader.py, from the
+    `rope_freqs` tensor llama.cpp stores for Llama 3.x instead of the rope parameters) divides the base
+    frequencies one by one, as llama.cpp does.
     """
     params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    head_dim = config.head_dim
-    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
-    if partial != 1.0:
-        # Llama rotates the whole head; a config asking for less is another architecture's.
-        raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    rope_type = check_rope(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         scaling = 1.0
-    elif rope_type == "longrope":
-        raise UnsupportedModelError(
-            "rope_type 'longrope' is not supported: it switches frequency tables with the batch's length, "
-            "so a reply would depend on what else is being generated"
-        )
-    elif rope_type in ROPE_INIT_FUNCTIONS:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
     else:
-        raise UnsupportedModelError(f"unknown rope_type {rope_type!r}")
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
     if inv_freq.numel() * 2 != head_dim:
         raise UnsupportedModelError(f"rope_type {rope_type!r} gives {inv_freq.numel()} frequencies for head_dim {head_dim}")
+    factors = getattr(config, "rope_freq_factors", None)
+    if factors:
+        if len(factors) != inv_freq.numel():
+            raise UnsupportedModelError(f"rope_freq_factors has {len(factors)} values for {inv_freq.numel()} frequencies")
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float)
     return inv_freq.float(), float(scaling)
 
 
@@ -126,21 +129,24 @@ def _linear_fn(linear_weight: torch.Tensor, bias: torch.Tensor | None, pack: boo
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, arch: Architecture) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = arch.head_dim
         self.intermediate_size = config.intermediate_size
         self.scale = self.head_dim**-0.5
         hidden = config.hidden_size
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.qkv_proj = nn.Linear(hidden, qkv_out, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_bias)
+        self.qkv_proj = nn.Linear(hidden, qkv_out, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=arch.o_bias)
+        # Qwen3: each q and k head is RMS-normalized over head_dim (same eps) before rope.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if arch.qk_norm else None
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=config.mlp_bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=arch.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=arch.mlp_bias)
         self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
         self._fast: tuple | None = None  # (dtype, callables and weights) built on first forward
 
@@ -158,16 +164,19 @@ class LlamaDecoderLayer(nn.Module):
         fast = self._fast
         if fast is None or fast[0] != x.dtype:
             fast = self._fast = self._build_fast(x)
-        _, qkv_proj, o_proj, gate_up_proj, down_proj, norm1, eps1, norm2, eps2 = fast
+        _, qkv_proj, o_proj, gate_up_proj, down_proj, norm1, eps1, norm2, eps2, qk_norm = fast
         tokens, hidden_size = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = qkv_proj(norm1 * F.rms_norm(x, (hidden_size,), eps=eps1))
         qk_size = (heads + kv_heads) * head_dim
-        # Q and K sit side by side in the fused output, so one rotary pass covers both.
-        qk = apply_rotary(qkv[:, :qk_size].view(tokens, heads + kv_heads, head_dim), cos, sin)
+        # Q and K sit side by side in the fused output, so one norm and one rotary pass cover both.
+        qk = qkv[:, :qk_size].view(tokens, heads + kv_heads, head_dim)
+        if qk_norm is not None:
+            qk = qk_norm[0] * F.rms_norm(qk, (head_dim,), eps=qk_norm[1])
+        qk = apply_rotary(qk, cos, sin)
         value = qkv[:, qk_size:].view(tokens, kv_heads, head_dim)
         k_cache, v_cache = kv_cache
-        kernels.write_kv(qk[:, heads:], value, k_cache, v_cache, meta.slot_mapping)
+        kernels.write_kv(qk[:, heads:], value, k_cache, v_cache, meta.slot_mapping, meta.backend)
         attn = kernels.paged_attention(qk[:, :heads], k_cache, v_cache, meta, self.scale)
         x.add_(o_proj(attn.reshape(tokens, heads * head_dim)))
 
@@ -191,7 +200,15 @@ class LlamaDecoderLayer(nn.Module):
             self.input_layernorm.eps,
             self.post_attention_layernorm.weight,
             self.post_attention_layernorm.eps,
+            self._qk_norm(),
         )
+
+    def _qk_norm(self) -> tuple[torch.Tensor, float] | None:
+        """(weight [heads + kv_heads, head_dim], eps): q_norm's weight on every q head, k_norm's on every k head."""
+        if self.q_norm is None:
+            return None
+        weight = torch.cat((self.q_norm.weight.expand(self.num_heads, -1), self.k_norm.weight.expand(self.num_kv_heads, -1)))
+        return weight, self.q_norm.eps
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -213,19 +230,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        self,
+        config: PretrainedConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_context: int | None = None,
     ) -> None:
+        """max_context: the longest sequence it will run (default the config's max_position_embeddings);
+        a sliding window or rope variant that would change the math within it is refused here."""
         super().__init__()
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
+        self.architecture = check_supported(config, max_context)
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = self.architecture.head_dim
         self.vocab_size = config.vocab_size
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # Built on the meta device then materialized uninitialized: random init of a vocab-sized
@@ -235,7 +255,7 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens = nn.Embedding(
                 config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
             )
-            self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+            self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.architecture) for _ in range(config.num_hidden_layers))
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.to(dtype)  # free on meta tensors
@@ -245,11 +265,18 @@ class LlamaForCausalLM(nn.Module):
         # A plain attribute, not a buffer: a later model.to(bfloat16) must not round the frequencies.
         self.inv_freq = inv_freq.to(self.device)
         self._share = False
+        # Small steps run here instead when the weights came from a GGUF (localchat/model/native.py).
+        self.native = None
         self._head: tuple | None = None  # (weight, dtype, linear) of the LM head, rebuilt when either changes
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def check_context(self, context: int) -> None:
+        """Raise UnsupportedModelError if sequences of `context` tokens would need attention we don't implement."""
+        check_context(self.config, context)
+        check_rope(self.config, context)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         """Shape of one layer's K (or V) pool, as the kernels expect it."""
@@ -275,10 +302,11 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits [S, vocab] for the token rows in logits_indices (all rows if None)."""
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} KV caches, got {len(kv_caches)}")
-        x = F.embedding(input_ids, self.embed_tokens.weight)
-        cos, sin = self.rotary(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
+        if self.native is not None:  # the GGUF's quantized weights: small steps, and sampled rows, run natively
+            logits = self.native.forward(self, input_ids, positions, kv_caches, meta, logits_indices)
+            if logits is not None:
+                return logits
+        x = self.run_layers(input_ids, positions, kv_caches, meta)
         if logits_indices is not None:
             # Norm and LM head only for the rows that are sampled: the head is the largest matmul.
             x = x.index_select(0, logits_indices)
@@ -286,6 +314,14 @@ class LlamaForCausalLM(nn.Module):
         if self._head is None or self._head[0] is not weight or self._head[1] != x.dtype:
             self._head = (weight, x.dtype, _linear_fn(weight, None, _should_pack(x, weight)))
         return self._head[2](self.norm(x)).float()
+
+    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """The hidden states after every layer (K/V written to the pool), before the final norm."""
+        x = F.embedding(input_ids, self.embed_tokens.weight)
+        cos, sin = self.rotary(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return x
 
     # ---- weights -------------------------------------------------------------------------------
 
@@ -363,4 +399,4 @@ class LlamaForCausalLM(nn.Module):
             param.copy_(tensor)
 
 
-__all__ = ["LlamaForCausalLM", "RMSNorm", "apply_rotary", "rope_inv_freq"]
+__all__ = ["LlamaForCausalLM", "RMSNorm", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "apply_rotary", "rope_inv_freq"]

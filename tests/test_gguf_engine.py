@@ -1,0 +1,81 @@
+"""The default model on its GGUF's own quantized weights (`--weights gguf`): what runs, how close it stays to
+the float32 reference, and the engine's invariants on that path (batching, block size and preemption don't
+change greedy outputs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import skip_or_fail
+from localchat.bench.quality import CHAT_PROMPTS, agreement, greedy_replies, perplexity_ids
+from localchat.engine import Engine, EngineConfig, SamplingParams
+from localchat.model import load_model
+from localchat.model.evaluate import perplexity
+from localchat.model.loader import dense_bytes_per_token
+from localchat.model.native import NativeForward
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    if not NativeForward.available():
+        skip_or_fail("the native kernels could not be built (needs g++)")
+    return load_model(None, weights="gguf")
+
+
+def test_the_files_own_blocks_run(quantized):
+    assert quantized.weights == "gguf:Q4_1+Q8_0" and quantized.dtype == torch.bfloat16  # bf16: prompts' dense path and KV
+    native = quantized.model.native
+    assert native is not None and native.weights.types() == {"Q4_1": 210, "Q8_0": 1}
+    # 30 layers of Q4_1 (5 bits a weight) and the tied Q8_0 head, against the same weights in bfloat16.
+    assert 90e6 < quantized.weight_bytes_per_token < 100e6
+    assert quantized.weight_bytes_per_token < 0.4 * dense_bytes_per_token(quantized.model)
+
+
+def test_closer_to_float32_than_the_bfloat16_path(quantized, smol):
+    """Greedy replies and perplexity of the quantized path against the float32 dequantization of the same file
+    (the model itself), compared with what the dense bfloat16 path achieves."""
+    bf16 = load_model(None, weights="bfloat16")
+    reference = greedy_replies(smol, CHAT_PROMPTS, 32)
+    ours = agreement(greedy_replies(quantized, CHAT_PROMPTS, 32), reference)
+    dense = agreement(greedy_replies(bf16, CHAT_PROMPTS, 32), reference)
+    assert ours["common_prefix_share"] >= dense["common_prefix_share"], (ours, dense)
+    assert ours["identical"] >= 3, ours
+    ids = perplexity_ids(smol.tokenizer)
+    ppl, ref_ppl = perplexity(quantized, ids), perplexity(smol, ids)
+    assert abs(ppl / ref_ppl - 1) < 0.005, (ppl, ref_ppl)
+
+
+def test_batching_block_size_and_preemption_dont_change_greedy_ids(quantized):
+    prompts = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS[:6]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def run(config, together=True):
+        engine = Engine.from_loaded(quantized, config)
+        if together:
+            return [o.outputs[0].token_ids for o in engine.generate(messages=prompts, params=params)]
+        return [engine.generate(messages=[m], params=params)[0].outputs[0].token_ids for m in prompts]
+
+    batched = run(EngineConfig(num_blocks=256))
+    assert batched == run(EngineConfig(num_blocks=256), together=False)
+    assert batched == run(EngineConfig(num_blocks=4096, block_size=1))
+    small = Engine.from_loaded(quantized, EngineConfig(num_blocks=12, block_size=16))  # 192 slots for 6 x ~60 tokens
+    outs = small.generate(messages=prompts, params=params)
+    assert [o.outputs[0].token_ids for o in outs] == batched and small.block_manager.preemptions > 0
+
+
+def test_generate_says_which_weights_ran():
+    proc = subprocess.run([sys.executable, "-m", "localchat", "generate", "Hi", "--max-tokens", "4", "--temperature", "0",
+                           "--json", "--weights", "gguf"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["weights"] == "gguf:Q4_1+Q8_0" and 90e6 < doc["weight_bytes_per_token"] < 100e6
+    proc = subprocess.run([sys.executable, "-m", "localchat", "generate", "Hi", "--max-tokens", "4", "--weights", "gguf",
+                           "--device", "cuda"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
