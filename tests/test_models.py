@@ -51,6 +51,8 @@ def registry(tmp_path, monkeypatch) -> Path:
     path.write_text(REGISTRY)
     monkeypatch.setenv("LOCALCHAT_MODELS", str(path))
     monkeypatch.setenv("LOCALCHAT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # no user registry of the machine's own
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     return path
 
 
@@ -111,7 +113,7 @@ def test_hub_model_offline_is_a_clear_error(registry, monkeypatch):
     monkeypatch.setenv("LOCALCHAT_OFFLINE", "1")
     with pytest.raises(ModelUnavailableError, match=r"someone/plain.*offline") as info:
         load_model("plain-hub")
-    assert "huggingface-cli download someone/plain" in str(info.value)
+    assert "localchat models download plain-hub" in str(info.value)
 
 
 def test_local_model_missing_dir(registry):

@@ -8,6 +8,8 @@ the prefix cache block for block and only the new tokens are prefilled.
 
 from __future__ import annotations
 
+from localchat.text import check_text
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -17,6 +19,7 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of text that already holds the template's special tokens (none are added)."""
+    check_text(text, "the text")  # a lone surrogate would end in the tokenizer's TypeError
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -24,9 +27,10 @@ def check_messages(messages: list[dict]) -> None:
     """Raise ValueError with a readable message for a conversation the template cannot render."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
-    for m in messages:
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"each message needs a role (system, user or assistant) and text content, got {m!r}")
+            raise ValueError(f"each message needs a role (system, user or assistant) and text content, got {m!r}"[:300])
+        check_text(m["content"], f"message {i + 1} ({m['role']})")
     if not any(m["content"].strip() for m in messages if m["role"] == "user"):
         raise ValueError("the prompt is empty: write a message first")
 
