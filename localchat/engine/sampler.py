@@ -1,4 +1,5 @@
-"""Batched sampling over one step's logits: penalties, temperature, top-k, top-p, min-p, seeds.
+"""Batched sampling over one step's logits: penalties, temperature, top-k, top-p, min-p, seeds,
+and the log-probabilities a request asks to see (the chosen token's, and the top alternatives).
 
 Each row is one sequence. Rows with a seed draw from their own torch.Generator, so a seeded
 request gives the same tokens whatever else is in the batch.
@@ -17,6 +18,9 @@ from localchat.engine.sequence import Sequence
 class SampleResult:
     token_ids: list[int]
     logprobs: list[float]  # log-probability of each chosen token under the model's distribution
+    # Per row, the params.top_logprobs most likely (token id, log-probability) pairs, most likely
+    # first; None for rows that did not ask.
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -30,6 +34,46 @@ def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torc
         picked = logits[row, ids]
         logits[row, ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
+
+
+def apply_presence_frequency_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI's definition, over the tokens generated so far (the prompt does not count):
+    logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty.
+
+    One scatter over the rows that ask, so a batch costs one pass whatever their lengths."""
+    rows = [r for r, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+    outputs = [seqs[r].output_token_ids for r in rows]
+    longest = max((len(o) for o in outputs), default=0)
+    if longest == 0:
+        return logits
+    vocab = logits.shape[-1]
+    # Pad with an extra column `vocab` that is dropped after counting.
+    ids = torch.full((len(rows), longest), vocab, dtype=torch.long)
+    for i, out in enumerate(outputs):
+        ids[i, : len(out)] = torch.tensor(out, dtype=torch.long)
+    counts = torch.zeros(len(rows), vocab + 1, dtype=logits.dtype).scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+    counts = counts[:, :vocab].to(logits.device)
+    freq = torch.tensor([seqs[r].params.frequency_penalty for r in rows], dtype=logits.dtype, device=logits.device)
+    pres = torch.tensor([seqs[r].params.presence_penalty for r in rows], dtype=logits.dtype, device=logits.device)
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    penalty = counts * freq[:, None] + (counts > 0).to(logits.dtype) * pres[:, None]
+    # Out of place: the step's logits may be an inference-mode tensor, which refuses in-place updates.
+    return logits.index_put((index,), logits[index] - penalty)
+
+
+def top_alternatives(logprobs_all: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple[int, float]] | None] | None:
+    """The most likely tokens and their log-probabilities, only for the rows that ask (one topk)."""
+    rows = [r for r, s in enumerate(seqs) if s.params.top_logprobs]
+    if not rows:
+        return None
+    k = max(seqs[r].params.top_logprobs for r in rows)
+    values, indices = torch.topk(logprobs_all[torch.tensor(rows, device=logprobs_all.device)], k, dim=-1)
+    values, indices = values.tolist(), indices.tolist()
+    result: list[list[tuple[int, float]] | None] = [None] * len(seqs)
+    for i, r in enumerate(rows):
+        wanted = seqs[r].params.top_logprobs
+        result[r] = list(zip(indices[i][:wanted], values[i][:wanted]))
+    return result
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -53,22 +97,78 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+# Most rows keep far fewer tokens than the vocabulary (top-k, a top-p nucleus, min-p): they are drawn
+# together from each row's CANDIDATES most likely tokens, one topk for the batch instead of a full
+# sort per row. A row whose kept set may reach beyond them is drawn over the whole vocabulary.
+CANDIDATES = 1024
+
+
+def _race(probs: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator | None) -> torch.Tensor:
+    """Exponential race per row: argmax(p / E) with E ~ Exp(1) draws exactly from p (unnormalized).
+    Seeded rows draw from their own generator, so their tokens do not depend on the batch."""
+    # Drawn on the CPU, where the generators live, whatever the logits' device.
+    noise = torch.empty(probs.shape, dtype=probs.dtype)
+    shared = [i for i, s in enumerate(seqs) if s.generator is None]
+    if len(shared) == len(seqs):
+        noise.exponential_(generator=default_generator)
+    elif shared:
+        noise[shared] = torch.empty(len(shared), probs.shape[-1], dtype=probs.dtype).exponential_(generator=default_generator)
+    for i, s in enumerate(seqs):
+        if s.generator is not None:
+            noise[i].exponential_(generator=s.generator)
+    return (probs / noise.to(probs.device)).argmax(dim=-1)
+
+
+def sample_candidates(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator | None = None) -> list[int | None]:
+    """filter_logits' distribution for every row at once, over its most likely tokens; None for a
+    row whose kept set may not fit among them (the caller draws it over the whole vocabulary)."""
+    params = [s.params for s in seqs]
+    vocab, device, inf = logits.shape[-1], logits.device, float("inf")
+
+    def column(values, dtype=logits.dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    scaled = logits / column([p.temperature for p in params])[:, None]
+    k = min(vocab, max([CANDIDATES] + [p.top_k for p in params]))
+    vals, idx = torch.topk(scaled, k, dim=-1)  # most likely first
+    top_k = column([p.top_k if 0 < p.top_k < vocab else 0 for p in params], torch.long)
+    limited = top_k > 0
+    kth = vals.gather(1, (top_k.clamp(min=1) - 1)[:, None])
+    vals = torch.where(limited[:, None] & (vals < kth), -inf, vals)  # ties with the k-th stay, as in filter_logits
+    # top-p and min-p see the distribution over the top-k set if there is one, else over the vocabulary.
+    norm = torch.where(limited, torch.logsumexp(vals, dim=-1), torch.logsumexp(scaled, dim=-1))
+    probs = torch.exp(vals - norm[:, None])
+    top_p, min_p = column([p.top_p for p in params]), column([p.min_p for p in params])
+    drop = probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    drop[:, 0] = False
+    threshold = probs[:, :1] * min_p[:, None]
+    fits = limited | (probs.sum(dim=-1) >= top_p) & (top_p < 1) | (min_p > 0) & (probs[:, -1] < threshold[:, 0])
+    probs = probs.masked_fill(drop | (probs < threshold), 0.0)
+    if k == vocab:
+        fits[:] = True
+    rows = fits.nonzero().flatten().tolist()
+    result: list[int | None] = [None] * len(seqs)
+    if rows:
+        chosen = _race(probs[rows], [seqs[r] for r in rows], default_generator)
+        for r, token in zip(rows, idx[rows].gather(1, chosen[:, None]).flatten().tolist()):
+            result[r] = token
+    return result
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator | None = None) -> SampleResult:
     """Choose one token per row. `logits` is float32 [len(seqs), vocab] and may be modified."""
     logits = apply_repetition_penalty(logits, seqs)
+    logits = apply_presence_frequency_penalties(logits, seqs)
     logprobs_all = torch.log_softmax(logits, dim=-1)
-    greedy_ids = logits.argmax(dim=-1)
-    token_ids = greedy_ids.tolist()
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
-        probs = row_logits.softmax(dim=-1)
-        generator = seq.generator if seq.generator is not None else default_generator
-        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws exactly from p.
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-        token_ids[row] = int((probs / noise).argmax())
+    token_ids = logits.argmax(dim=-1).tolist()
+    rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
+    picked = sample_candidates(logits[rows], [seqs[r] for r in rows], default_generator) if rows else []
+    for row, token in zip(rows, picked):
+        if token is None:  # the kept set may be wider than the candidates: the whole vocabulary
+            seq, p = seqs[row], seqs[row].params
+            probs = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p).softmax(dim=-1)
+            token = int(_race(probs[None], [seq], default_generator)[0])
+        token_ids[row] = token
     ids = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
     chosen = logprobs_all.gather(1, ids[:, None]).squeeze(1).tolist()
-    return SampleResult(token_ids=token_ids, logprobs=chosen)
+    return SampleResult(token_ids=token_ids, logprobs=chosen, top_logprobs=top_alternatives(logprobs_all, seqs))

@@ -16,11 +16,16 @@ class SamplingParams:
     top_k: int = 0  # 0 (or -1) disables top-k
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's definition: each generated token's logit drops by presence_penalty once it has
+    # appeared in the output and by frequency_penalty for every time it has (localchat/engine/sampler.py).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the most likely alternatives at each generated position
     n: int = 1  # parallel samples forked from one prefilled prompt
     beam_width: int = 0  # > 1 selects beam search
     length_penalty: float = 1.0
@@ -42,6 +47,15 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2 <= value <= 2:
+                raise bad(f"{name} must be in [-2, 2], got {value!r}")
+        most_top = settings.MAX_TOP_LOGPROBS
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= most_top:
+            raise bad(f"top_logprobs must be an integer in [0, {most_top}], got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs needs logprobs=True")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad(f"seed must be an integer, got {self.seed!r}")
         most = settings.MAX_SAMPLES
