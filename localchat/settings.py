@@ -24,12 +24,25 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.6
 MAX_SAMPLES = 64  # n (parallel samples) and beam width a request may ask for
+MAX_TOP_LOGPROBS = 20  # alternatives per position a request may ask for (OpenAI's limit)
+SHUTDOWN_GRACE_S = 3  # on Ctrl-C/SIGTERM, how long running replies get to end and be saved before the server closes
 
 # ---- the page ------------------------------------------------------------------------------------
 DEFAULT_HOST = "127.0.0.1"  # this machine only, unless the user asks for more
 DEFAULT_PORT = 7860
 UI_CONCURRENCY = 8  # replies the page streams at once (Gradio's queue)
 UI_MAX_SAMPLES = 8  # samples shown side by side
+UI_STREAM_INTERVAL_S = 0.1  # a streaming reply updates the page at most this often (ten a second)
+UI_QUEUE_POLL_S = 0.005  # how often the page's event queue looks for new events (localchat/ui/app.py)
+
+# ---- the OpenAI-compatible API (localchat/api/) --------------------------------------------------
+DEFAULT_API_PORT = 8000  # `localchat serve`; the app serves the API on the page's port
+API_KEY_ENV = "LOCALCHAT_API_KEY"  # a key here (or --api-key) makes every /v1 call need "Authorization: Bearer KEY"
+ENGINE_API_KEY_ENV = "LOCALCHAT_ENGINE_API_KEY"  # the key `localchat app --engine-url` sends to a remote server
+API_COMPLETION_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI's legacy endpoint
+API_MAX_STOP = 16  # stop strings per request
+API_MAX_COMPLETION_LOGPROBS = 5  # /v1/completions "logprobs" (alternatives per token), OpenAI's limit
+REMOTE_METRICS_MAX_AGE_S = 1.0  # the memory panel re-reads a remote server's /metrics at most this often
 
 
 def _env_path(name: str) -> Path | None:

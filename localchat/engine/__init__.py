@@ -2,7 +2,7 @@
 sampling, the model runner, and the Engine with its background driver. It knows token sequences,
 forks and prefixes; nothing of conversations."""
 
-from localchat.engine.driver import EngineClient, EngineDriver, EngineStopped, RequestStream
+from localchat.engine.driver import EngineClient, EngineDriver, EngineStopped, RequestFailed, RequestStream
 from localchat.engine.engine import Engine, EngineConfig
 from localchat.engine.process import EngineProcess
 from localchat.engine.requests import EngineInfo, Request, RequestError
@@ -20,6 +20,7 @@ __all__ = [
     "EngineStopped",
     "Request",
     "RequestError",
+    "RequestFailed",
     "RequestMetrics",
     "RequestOutput",
     "RequestStream",

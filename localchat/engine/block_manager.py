@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from localchat.engine.block_pool import BlockPool, HashFn, chain_hash
+from localchat.engine.timeline import Timeline, TimelineView
 
 
 class BlockManagerError(ValueError):
@@ -87,6 +88,27 @@ class MemorySnapshot:
     seq_tokens: dict[int, int]
 
 
+# Block states in CompactSnapshot.states, one byte per block.
+FREE, CACHED, USED = 0, 1, 2
+_USED_FROM_BOOL = bytes([FREE, USED]) + bytes(254)  # bytes.translate table: ref count > 0 -> USED
+
+
+@dataclass(frozen=True)
+class CompactSnapshot:
+    """The pool for a panel that may hold tens of thousands of blocks: arrays, not one object per block.
+
+    `states[b]` is FREE, CACHED or USED; a used block's ref count is the number of `tables` that hold it
+    (invariant 2), and only a table's last block can be partly filled (`seq_tokens` says how far).
+    """
+
+    figures: MemoryFigures
+    peaks: dict
+    states: bytes
+    tables: dict[int, tuple[int, ...]]
+    seq_tokens: dict[int, int]
+    timeline: TimelineView
+
+
 class BlockManager:
     def __init__(
         self,
@@ -123,6 +145,7 @@ class BlockManager:
             "blocks_unshared_at_used_peak": 0,
         }
         self._lock = threading.RLock()
+        self.timeline = Timeline()
 
     # ---------------------------------------------------------------- helpers
     def _table(self, seq_id: int) -> BlockTable:
@@ -149,8 +172,9 @@ class BlockManager:
         if self.blocks_unshared > self._peaks["blocks_unshared_peak"]:
             self._peaks["blocks_unshared_peak"] = self.blocks_unshared
 
-    def _match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
-        """Cached blocks holding a prefix of `token_ids`, never including the last token."""
+    def _match_prefix(self, token_ids: Sequence[int], num_blocks: int | None = None) -> tuple[list[int], list[int], list[int]]:
+        """Cached blocks holding a prefix of `token_ids`, never including the last token (unless
+        `num_blocks` says how many full blocks to try)."""
         blocks: list[int] = []
         content_ids: list[int] = []
         hashes: list[int] = []
@@ -158,7 +182,7 @@ class BlockManager:
             return blocks, content_ids, hashes
         bs = self.block_size
         parent_hash, parent_cid = 0, 0
-        for i in range((len(token_ids) - 1) // bs):
+        for i in range((len(token_ids) - 1) // bs if num_blocks is None else num_blocks):
             chunk = tuple(token_ids[i * bs : (i + 1) * bs])
             h = self.pool.hash_fn(parent_hash, chunk)
             block_id = self.pool.lookup(h, parent_cid, chunk)
@@ -233,6 +257,7 @@ class BlockManager:
             self.prefix_hit_tokens += hit
             self.prompt_tokens += len(token_ids)
             self._update_peaks()
+            self._tick()
             return hit
 
     def append(self, seq_id: int, token_ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -249,11 +274,13 @@ class BlockManager:
             copies: list[tuple[int, int]] = []
             bs = self.block_size
             pos = 0
+            grew = False
             while pos < len(token_ids):
                 offset = table.num_tokens % bs
                 if offset == 0:
                     table.blocks.append(self.pool.take_free())
                     self.blocks_unshared += 1
+                    grew = True
                 else:
                     last = table.blocks[-1]
                     if self.pool.ref_counts[last] > 1:
@@ -263,11 +290,15 @@ class BlockManager:
                         table.blocks[-1] = fresh
                         copies.append((last, fresh))
                         self.cow_copies += 1
+                        self.timeline.event("cow", seq_id)
+                        grew = True
                 take = min(bs - offset, len(token_ids) - pos)
                 self.pool.write_tokens(table.blocks[-1], token_ids[pos : pos + take])
                 table.num_tokens += take
                 pos += take
             self._update_peaks()
+            if grew:
+                self._tick()
             return copies
 
     def mark_computed(self, seq_id: int, num_computed: int | None = None) -> None:
@@ -317,6 +348,8 @@ class BlockManager:
             )
             self.blocks_unshared += len(parent.blocks)
             self._update_peaks()
+            self.timeline.event("fork", child_id)
+            self._tick()
 
     def free(self, seq_id: int) -> None:
         """Release every block; the tail goes first so that LRU eviction keeps shared heads."""
@@ -326,10 +359,12 @@ class BlockManager:
             for block_id in reversed(table.blocks):
                 self.pool.release(block_id)
             self.blocks_unshared -= len(table.blocks)
+            self._tick()
 
     def record_preemption(self) -> None:
         with self._lock:
             self.preemptions += 1
+            self.timeline.event("preempt")
 
     def reset_prefix_cache(self) -> int:
         with self._lock:
@@ -434,6 +469,47 @@ class BlockManager:
                 tables={s: tuple(t.blocks) for s, t in self.tables.items()},
                 seq_tokens={s: t.num_tokens for s, t in self.tables.items()},
             )
+
+    # ------------------------------------------------------ the memory panel's queries
+    def _num_shared(self) -> int:
+        counts = self.pool.ref_counts  # list.count runs in C: cheap even for tens of thousands of blocks
+        return self.num_blocks - counts.count(0) - counts.count(1)
+
+    def _tick(self) -> None:
+        """Sample the timeline if its interval has passed (called where blocks change hands)."""
+        if self.timeline.due():
+            self.timeline.sample(self.pool.num_used, self.pool.num_cached, self._num_shared())
+
+    def compact_snapshot(self, since: float | None = None) -> CompactSnapshot:
+        """The pool as arrays (one byte per block) plus the timeline newer than `since`."""
+        with self._lock:
+            pool = self.pool
+            self.timeline.sample(pool.num_used, pool.num_cached, self._num_shared())
+            states = bytearray(map(bool, pool.ref_counts)).translate(_USED_FROM_BOOL)
+            for block_id in pool.cached_blocks_lru():
+                states[block_id] = CACHED
+            return CompactSnapshot(
+                figures=self.figures(),
+                peaks=self.peaks(),
+                states=bytes(states),
+                tables={s: tuple(t.blocks) for s, t in self.tables.items()},
+                seq_tokens={s: t.num_tokens for s, t in self.tables.items()},
+                timeline=self.timeline.view(since),
+            )
+
+    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of `token_ids` the prefix cache holds now (whole blocks only).
+
+        Nothing changes: no block is taken or touched, so asking never reorders the LRU.
+        """
+        with self._lock:
+            blocks, _, _ = self._match_prefix(token_ids, len(token_ids) // self.block_size)
+            return len(blocks) * self.block_size
+
+    def block_token_ids(self, block_ids: Sequence[int]) -> dict[int, list[int]]:
+        """The token ids each block holds now (free blocks hold none)."""
+        with self._lock:
+            return {b: list(self.pool.tokens[b]) for b in block_ids if 0 <= b < self.num_blocks}
 
     def check_invariants(self) -> None:
         """Assert design.md's invariants 1 and 2 (used by tests and debug runs)."""

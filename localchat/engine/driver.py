@@ -8,11 +8,13 @@ abort through the driver, and each request streams its outputs through its own `
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from localchat.engine.engine import Engine
 from localchat.engine.outputs import RequestOutput
@@ -25,17 +27,57 @@ class EngineStopped(RuntimeError):
     """The engine was shut down (or its process ended) while a request was running."""
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed this request (a fault in its step, non-finite logits); the engine goes on
+    serving the others, and the request's blocks are free."""
+
+
 class RequestStream:
-    """Iterate to receive a request's outputs as they come; the last one has finished=True."""
+    """Iterate to receive a request's outputs as they come; the last one has finished=True.
+
+    `async for` works too (the API server): it waits on the event loop instead of holding a thread.
+    The client stamps when outputs arrive (perf_counter): `submitted_at`, `first_token_at`,
+    `last_token_at`, what a caller of this client sees, IPC included.
+    """
 
     def __init__(self, client: "EngineClient", request_id: str) -> None:
         self.request_id = request_id
         self._client = client
+        self.model_name = client.info.model_name  # the model that writes this reply (engines can be swapped)
         self._queue: queue.Queue[RequestOutput | BaseException] = queue.Queue()
         self.final: RequestOutput | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._wake: Callable[[], None] | None = None
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put(item)
+        wake = self._wake
+        if wake is not None:
+            wake()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while self.final is None:
+                ready.clear()  # before draining: a put after the drain sets it again
+                while self.final is None:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        self.final = item
+                    yield item
+                if self.final is None:
+                    await ready.wait()
+        finally:
+            self._wake = None
 
     def __iter__(self) -> Iterator[RequestOutput]:
         while self.final is None:
@@ -60,7 +102,9 @@ class EngineLoop:
     """The engine's loop body: apply client commands between steps, step, hand outputs on.
 
     `deliver` gets each step's outputs; `fail` gets (request_id, exception) for requests that end in
-    an error. A step that raises fails the requests it was serving and the loop goes on.
+    an error. The engine contains faults in a step's forward pass and sampling to that step's requests
+    (their outputs carry `error`); a step that still raises (a fault in scheduling, where the tables
+    may be half changed) aborts every request, and the loop goes on.
     """
 
     def __init__(self, engine: Engine, deliver: Callable[[list[RequestOutput]], None],
@@ -122,6 +166,9 @@ class EngineClient(ABC):
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
         self._stopped: str | None = None  # why the engine no longer takes requests
+        # Called as listener(stream, output) for every output delivered, after the stream's time
+        # stamps are updated: one place that sees every request of every caller (metrics).
+        self.listeners: list[Callable[[RequestStream, RequestOutput], None]] = []
 
     def submit(self, prompt: str | None = None, **kwargs) -> RequestStream:
         """Validate now (errors raise here, on the caller's thread) and queue the request."""
@@ -143,6 +190,16 @@ class EngineClient(ABC):
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    @property
+    def stopped(self) -> str | None:
+        """Why the engine no longer takes requests, or None while it does."""
+        return self._stopped
+
+    def pending(self) -> int:
+        """Requests submitted through this client that have not finished yet."""
+        with self._lock:
+            return len(self._streams)
+
     @abstractmethod
     def call(self, fn, *args):
         """Run `fn(engine, *args)` in the engine's loop between steps and return its result."""
@@ -161,13 +218,31 @@ class EngineClient(ABC):
 
     # ------------------------------------------------------------ outputs in
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.perf_counter()
         for out in outputs:
             with self._lock:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-            if stream is not None:
-                stream._put(out)
+            if stream is None:
+                continue
+            if out.error is not None:
+                self._notify(stream, out)
+                stream._put(RequestFailed(out.error))
+                continue
+            if any(o.delta_token_ids or o.delta_text for o in out.outputs):
+                if stream.first_token_at is None:
+                    stream.first_token_at = now
+                stream.last_token_at = now
+            self._notify(stream, out)
+            stream._put(out)
+
+    def _notify(self, stream: RequestStream, out: RequestOutput) -> None:
+        for listener in self.listeners:
+            try:
+                listener(stream, out)
+            except Exception:  # noqa: BLE001 - a metrics bug must not lose a reply
+                log.exception("stream listener failed")
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ with the model's template) plus sampling parameters. Everything runs on the call
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from localchat import settings
 from localchat.engine import detokenizer
 from localchat.engine.block_manager import BlockManager
-from localchat.engine.model_runner import ModelRunner, num_blocks_for_budget
+from localchat.engine.model_runner import ModelRunner, kv_bytes_per_block, num_blocks_for_budget
 from localchat.engine.outputs import CompletionOutput, RequestOutput
 from localchat.engine.requests import EngineInfo, Request, RequestError, RequestFactory
 from localchat.engine.sampler import sample
@@ -38,6 +39,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     watermark: float = 0.01
     seed: int | None = None  # for unseeded sampled requests
+    attention: str = "auto"  # paged-attention kernels: "auto" (the device's), "torch" or "triton" (kernels.ATTENTION_CHOICES)
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
@@ -46,6 +48,28 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
         if not 0 < self.gpu_memory_fraction < 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction!r}")
+        # Checked here, before a model is loaded (localchat/cli/common.py build_engine builds this first).
+        for name, least in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("num_blocks", 1), ("max_model_len", 2)):
+            value = getattr(self, name)
+            if value is None and name in ("num_blocks", "max_model_len"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def kv_pool_bytes(config: EngineConfig, hf_config, dtype: torch.dtype, device: str | torch.device) -> int | None:
+    """Bytes of the KV pool an engine with `config` will allocate; None where it takes a share of the
+    memory left after the weights (CUDA without kv_cache_gb), which fits by construction."""
+    per_block = kv_bytes_per_block(hf_config, config.block_size, dtype)
+    if config.num_blocks:
+        return config.num_blocks * per_block
+    if config.kv_cache_gb is not None:
+        budget = config.kv_cache_gb * 2**30
+    elif torch.device(device).type == "cuda":
+        return None
+    else:
+        budget = settings.DEFAULT_CPU_KV_CACHE_GB * 2**30
+    return num_blocks_for_budget(hf_config, config.block_size, dtype, budget) * per_block
 
 
 class Engine:
@@ -60,9 +84,12 @@ class Engine:
         config: EngineConfig | None = None,
         model_name: str = "",
         eos_token_ids: list[int] | None = None,
+        weights: dict | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.model_name = model_name
+        # Which weights run (the GGUF's own blocks or a dense dtype) and the bytes a decode step streams.
+        self.weights = weights or {"weights": str(dtype).removeprefix("torch."), "weight_bytes_per_token": 0}
         self.hf_config = hf_config
         self.tokenizer = tokenizer
         self.dtype = dtype
@@ -80,8 +107,11 @@ class Engine:
             ),
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
         )
-        self.runner = ModelRunner(model, hf_config, num_blocks, self.config.block_size, dtype, self.device)
+        self.runner = ModelRunner(model, hf_config, num_blocks, self.config.block_size, dtype, self.device, self.config.attention)
         self.max_model_len = self.config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
+        check_context = getattr(model, "check_context", None)
+        if check_context is not None:  # e.g. a sliding window shorter than this context (localchat/model/architectures.py)
+            check_context(self.max_model_len)
         self.eos_token_ids = set(eos_token_ids) if eos_token_ids else _eos_ids(hf_config, tokenizer)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -107,6 +137,9 @@ class Engine:
     @classmethod
     def from_loaded(cls, loaded, config: EngineConfig | None = None) -> "Engine":
         """The one way to build an engine on a loaded model (localchat.model.LoadedModel)."""
+        config = config or EngineConfig()
+        if config.max_model_len is None and getattr(loaded, "context_length", None):
+            config = dataclasses.replace(config, max_model_len=loaded.context_length)  # the registry's context_length
         return cls(
             loaded.model,
             loaded.config,
@@ -115,6 +148,8 @@ class Engine:
             device=loaded.device,
             config=config,
             model_name=loaded.name,
+            weights={"weights": getattr(loaded, "weights", str(loaded.dtype).removeprefix("torch.")),
+                     "weight_bytes_per_token": getattr(loaded, "weight_bytes_per_token", 0)},
             eos_token_ids=loaded.eos_token_ids,
         )
 
@@ -143,6 +178,7 @@ class Engine:
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             kv_cache_bytes=self.runner.kv_cache_bytes,
+            details=dict(self.weights),
         )
 
     def make_request(self, prompt: str | None = None, **kwargs) -> Request:
@@ -176,6 +212,7 @@ class Engine:
         request.prompt_token_ids = list(parent.token_ids) + request.prompt_token_ids
         if len(request.prompt_token_ids) >= self.max_model_len:
             raise RequestError(f"the forked prompt has {len(request.prompt_token_ids)} tokens; the context holds {self.max_model_len}")
+        self.request_factory.check_fits(len(request.prompt_token_ids), request.params)
         request.metrics.num_prompt_tokens = len(request.prompt_token_ids)
         request.metrics.arrival_time = time.perf_counter()
         self.requests[request.request_id] = request
@@ -214,6 +251,7 @@ class Engine:
         """A child that shares all of the parent's blocks and continues from its tokens."""
         child = self.new_sequence(request, index, token_ids=parent.token_ids)
         child.logprobs = list(parent.logprobs)
+        child.top_logprobs = list(parent.top_logprobs)
         child.cumulative_logprob = parent.cumulative_logprob
         child.first_token_time = parent.first_token_time
         self.scheduler.fork(parent, child)
@@ -241,7 +279,12 @@ class Engine:
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, and report every request that changed."""
+        """Schedule, run one forward pass, sample, and report every request that changed.
+
+        A fault in the forward pass (a kernel error, out of memory for activations) or in sampling
+        fails only the requests it was serving: they end with `error` set and their blocks freed
+        (nothing of the failed step is committed to the prefix cache); the others go on.
+        """
         sched = self.scheduler.schedule()
         touched: dict[str, Request] = {}
         for seq in sched.finished:
@@ -250,10 +293,14 @@ class Engine:
                 request.beam.finish_now()
             touched[seq.request_id] = request
         if sched:
-            logits = self.runner.execute(sched.work, sched.copies)
-            self.scheduler.commit(sched)
-            self.steps += 1
-            self._sample(sched, logits, touched)
+            try:
+                logits = self.runner.execute(sched.work, sched.copies)
+            except Exception as exc:  # noqa: BLE001 - contained to this step's requests
+                self.fail_requests({w.seq.request_id for w in sched.work}, _fault("the forward pass", exc), touched)
+            else:
+                self.scheduler.commit(sched)
+                self.steps += 1
+                self._sample(sched, logits, touched)
         outputs = []
         for request in touched.values():
             if request.request_id not in self.requests:
@@ -265,7 +312,33 @@ class Engine:
             outputs.append(self._report(request, final))
         return outputs
 
+    def fail_requests(self, request_ids, why: str, touched: dict[str, Request]) -> None:
+        """End these requests now with an error; their blocks are released at once."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.error is not None:
+                continue
+            request.error = why
+            if request.beam is not None:
+                request.beam.abort()
+            for seq in request.seqs:
+                self.scheduler.finish(seq, "error")
+            touched[request_id] = request
+
     def _sample(self, sched: SchedulerOutput, logits: torch.Tensor, touched: dict[str, Request]) -> None:
+        completing = [w.seq for w in sched.work if w.completes_sequence]
+        # A row of NaN or inf (overflow, a broken kernel) can't be sampled: fail its request alone.
+        finite = torch.isfinite(logits).all(dim=-1).tolist() if completing else []
+        bad = {seq.request_id for seq, ok in zip(completing, finite) if not ok}
+        if bad:
+            self.fail_requests(bad, "the model produced non-finite logits (NaN or inf) for this request", touched)
+        try:
+            self._sample_rows(sched, logits, touched, bad)
+        except Exception as exc:  # noqa: BLE001 - contained to the requests being sampled
+            live = {seq.request_id for seq in completing if seq.request_id in self.requests}
+            self.fail_requests(live - bad, _fault("sampling", exc), touched)
+
+    def _sample_rows(self, sched: SchedulerOutput, logits: torch.Tensor, touched: dict[str, Request], skip: set[str]) -> None:
         rows: list[int] = []
         seqs: list[Sequence] = []
         beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
@@ -274,6 +347,9 @@ class Engine:
             if not w.completes_sequence:
                 continue
             seq = w.seq
+            if seq.request_id in skip:
+                row += 1
+                continue
             request = self.requests[seq.request_id]
             touched[request.request_id] = request
             if request.beam is not None:
@@ -293,8 +369,9 @@ class Engine:
             return
         picked = logits[torch.tensor(rows)] if rows != list(range(logits.shape[0])) else logits
         result = sample(picked, seqs, self._generator)
-        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
-            seq.append_token(token, logprob)
+        tops = result.top_logprobs or [None] * len(seqs)
+        for seq, token, logprob, top in zip(seqs, result.token_ids, result.logprobs, tops):
+            seq.append_token(token, logprob, top)
             self._check_stop(seq, token)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -338,6 +415,7 @@ class Engine:
                         finish_reason=seq.finish_reason,
                         cumulative_logprob=seq.cumulative_logprob,
                         logprobs=list(seq.logprobs[-len(out_ids):]) if seq.params.logprobs and out_ids else ([] if seq.params.logprobs else None),
+                        top_logprobs=_last(seq.top_logprobs, len(out_ids)) if seq.params.top_logprobs else None,
                         delta_text=seq.text[seq.emitted_chars : shown],
                         delta_token_ids=list(out_ids[seq.emitted_tokens :]),
                     )
@@ -350,7 +428,7 @@ class Engine:
             m.first_token_time = min(firsts)
         m.num_generated_tokens = sum(len(o.token_ids) for o in outs)
         m.prefix_hit_tokens = max((s.prefix_hit_tokens for s in request.seqs), default=0)
-        return RequestOutput(request.request_id, list(request.prompt_token_ids), outs, final, m)
+        return RequestOutput(request.request_id, list(request.prompt_token_ids), outs, final, m, error=request.error)
 
     # ------------------------------------------------------------- conveniences
     def generate(self, prompts: list[str] | None = None, params: SamplingParams | list[SamplingParams] | None = None, *, messages: list[list[dict]] | None = None, prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
@@ -377,6 +455,14 @@ class Engine:
         figs.update(self.block_manager.peaks())
         figs["kv_cache_bytes"] = self.runner.kv_cache_bytes
         return figs
+
+
+def _fault(where: str, exc: BaseException) -> str:
+    return f"the engine failed in {where} of this request's step ({type(exc).__name__}: {exc}); other requests were not affected"
+
+
+def _last(items: list, count: int) -> list:
+    return list(items[-count:]) if count else []
 
 
 def _eos_ids(hf_config, tokenizer) -> set[int]:

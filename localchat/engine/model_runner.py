@@ -49,7 +49,8 @@ def keep_freed_memory() -> bool:
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, hf_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self, model: torch.nn.Module, hf_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+        attention: str = "auto",
     ) -> None:
         if torch.device(device).type == "cpu":
             keep_freed_memory()
@@ -57,6 +58,8 @@ class ModelRunner:
         self.dtype = dtype
         self.device = torch.device(device)
         self.block_size = block_size
+        # The kernels an engine asked for by name (--attention torch|triton); None: the device's own.
+        self.attention = kernels.select_backend(attention, self.device.type)
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         shape = (num_blocks, block_size, kv_heads, head_dim)
@@ -75,7 +78,7 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=self.device)
         dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=self.device)
-        kernels.copy_blocks(self.k_caches, self.v_caches, src, dst)
+        kernels.copy_blocks(self.k_caches, self.v_caches, src, dst, self.attention)
 
     @torch.inference_mode()
     def execute(self, work: list[ScheduledWork], copies: list[tuple[int, int]]) -> torch.Tensor:
@@ -98,6 +101,7 @@ class ModelRunner:
             if w.completes_sequence:
                 logits_indices.append(len(input_ids) - 1)
         meta = kernels.build_metadata(tables, context_lens, query_lens, self.block_size, self.device)
+        meta.backend = self.attention
         return self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),

@@ -13,6 +13,8 @@ class CompletionOutput:
     finish_reason: str | None
     cumulative_logprob: float
     logprobs: list[float] | None = None
+    # With params.top_logprobs: per generated token, the most likely (token id, logprob) pairs.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     # What is new since the previous report for this request.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
@@ -52,3 +54,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # Why the engine failed this request (a fault in its step, non-finite logits); it is then
+    # finished, its blocks are free, and each output's finish_reason is "error".
+    error: str | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,9 @@ START_TIMEOUT_S = 600.0
 
 def _child_main(conn, factory: Callable, args: tuple, kwargs: dict) -> None:
     """The engine process: build the engine, say ready, then loop until told to stop."""
+    # Ctrl-C reaches the whole process group: the parent decides how to stop (localchat/cli/shutdown.py),
+    # and tells this process; if the parent dies instead, the pipe's end stops this loop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         engine = factory(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it

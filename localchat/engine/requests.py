@@ -8,6 +8,7 @@ EngineInfo, so a bad request fails on the caller's thread with a clear RequestEr
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +35,13 @@ class Request:
     aborted: bool = False
     # Continue from the live sequence of this request (sharing its blocks), then prompt_token_ids.
     fork_from: str | None = None
+    # Set when the engine fails this request (a fault in its step, non-finite logits): it is over.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
+        if self.error is not None:
+            return True
         if self.beam is not None:
             return self.beam.done
         return bool(self.seqs) and all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
@@ -56,6 +61,9 @@ class EngineInfo:
     device: str
     kv_cache_bytes: int
     details: dict = field(default_factory=dict)  # weights format, bytes per token...
+    # False for an engine behind an OpenAI-compatible server (localchat/api/remote.py): it takes
+    # chat messages, not token ids, and reports text without ids; there is no local tokenizer.
+    accepts_token_ids: bool = True
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -118,13 +126,42 @@ class RequestFactory:
             ids = self._prompt_ids(messages)
         else:
             ids = self._check_ids(prompt_token_ids)
+        self.check_fits(len(ids), params)
+        return Request(rid, ids, params, RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
+
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        """Refuse now (RequestError) a request the engine could never complete, rather than let it wait
+        forever or be cut short: a prompt beyond the context, or a reply (every beam, for a beam search)
+        that the whole KV pool could not hold. The message names the largest value that would fit."""
         limit = self.info.max_model_len
-        if len(ids) >= limit:
+        if prompt_len >= limit:
             raise RequestError(
-                f"the prompt has {len(ids)} tokens but the model's context holds {limit}: "
+                f"the prompt has {prompt_len} tokens but the model's context holds {limit}: "
                 "shorten it or start a new conversation"
             )
         capacity = self.info.kv_capacity_tokens
-        if len(ids) + 1 > capacity:
-            raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}: raise --kv-cache-gb")
-        return Request(rid, ids, params, RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
+        if prompt_len + 1 > capacity:
+            raise RequestError(f"the prompt has {prompt_len} tokens but the KV cache holds only {capacity}: raise --kv-cache-gb")
+        total = min(prompt_len + params.max_tokens, limit)  # generation stops at the context's end anyway
+        if total > capacity:
+            raise RequestError(
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) needs {total} tokens of KV "
+                f"cache, but it holds only {capacity}: use max_tokens {capacity - prompt_len} or less, or raise --kv-cache-gb"
+            )
+        if params.is_beam_search:
+            blocks, block_size = self.info.num_blocks, self.info.block_size
+            needed = beam_blocks(prompt_len, total, params.beam_width, block_size)
+            if needed > blocks:
+                widest = max((w for w in range(1, params.beam_width) if beam_blocks(prompt_len, total, w, block_size) <= blocks), default=1)
+                raise RequestError(
+                    f"beam search with {params.beam_width} beams of up to {total} tokens needs {needed} KV blocks at once, "
+                    f"but the cache has {blocks}: use beam_width {widest} or less, lower max_tokens, or raise --kv-cache-gb"
+                )
+
+
+def beam_blocks(prompt_len: int, total_tokens: int, width: int, block_size: int) -> int:
+    """KV blocks `width` beams of up to `total_tokens` hold at once: the prompt's full blocks are shared,
+    each beam owns the rest (every beam advances in the same step, so all of them must fit together)."""
+    shared = prompt_len // block_size
+    own = math.ceil((total_tokens - shared * block_size) / block_size)
+    return shared + width * own

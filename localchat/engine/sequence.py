@@ -31,6 +31,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
+    # With params.top_logprobs: per generated token, the most likely (token id, logprob) pairs.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     generator: torch.Generator | None = None
     first_token_time: float | None = None
@@ -71,9 +73,11 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_computed < self.num_tokens - 1
 
-    def append_token(self, token_id: int, logprob: float) -> None:
+    def append_token(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None) -> None:
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
         self.cumulative_logprob += logprob
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()

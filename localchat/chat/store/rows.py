@@ -9,6 +9,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+from localchat.text import text_problem
+
 ROLES = ("system", "user", "assistant", "tool")
 STREAMING = "streaming"  # finish_reason of a reply still being generated (or cut off by a crash)
 CURRENT: Literal["current"] = "current"  # parent_id meaning "the conversation's current leaf"
@@ -73,6 +75,9 @@ class Message:
     generated_tokens: int | None = None
     ttft_s: float | None = None
     tokens_per_s: float | None = None
+    prefix_hit_tokens: int | None = None
+    cumulative_logprob: float | None = None
+    sample_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,12 @@ def check_role(role: object) -> str:
 
 
 def check_text(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:  # lone surrogates: SQLite would refuse them mid-transaction
-        raise InvalidInputError(f"{what} is not valid Unicode text ({exc.reason})") from None
-    return value
+    # The one rule for text (localchat/model/text.py): lone surrogates, which SQLite would refuse
+    # mid-transaction, are refused here, before the transaction starts.
+    problem = text_problem(value)
+    if problem is not None:
+        raise InvalidInputError(f"{what} {problem}")
+    return value  # type: ignore[return-value]
 
 
 def check_optional_text(value: object, what: str) -> str | None:
@@ -196,6 +200,9 @@ def message_from_row(row: dict[str, Any]) -> Message:
         generated_tokens=row["generated_tokens"],
         ttft_s=row["ttft_s"],
         tokens_per_s=row["tokens_per_s"],
+        prefix_hit_tokens=row.get("prefix_hit_tokens"),
+        cumulative_logprob=row.get("cumulative_logprob"),
+        sample_group=row.get("sample_group"),
     )
 
 

@@ -405,6 +405,7 @@ class Store:
         sampling: dict[str, Any] | None = None,
         flush_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sample_group: str | None = None,
     ) -> ReplyWriter:
         """Create an empty assistant message now and return a writer that saves it as it grows.
 
@@ -418,6 +419,7 @@ class Store:
             "model": check_optional_text(model, "model"),
             "sampling": dump_object(check_object(sampling, "sampling")),
             "finish_reason": STREAMING,
+            "sample_group": check_optional_text(sample_group, "sample_group"),
         }
         with self.transaction():
             message = self._insert_message(conversation_id, parent_id, row, make_current=True)

@@ -11,6 +11,8 @@ import json
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from localchat.text import TextError, decode_utf8
+
 from localchat.chat.store.rows import (
     STREAMING,
     Conversation,
@@ -39,6 +41,9 @@ _EXPORT_MESSAGE_KEYS = (
     "id", "parent", "role", "content", "token_ids", "created_at", "model", "sampling",
     "finish_reason", "prompt_tokens", "generated_tokens", "ttft_s", "tokens_per_s",
 )
+# Written only when set (schema version 2's reply details), so a file without them is what
+# earlier versions wrote and read.
+_OPTIONAL_MESSAGE_KEYS = ("prefix_hit_tokens", "cumulative_logprob", "sample_group")
 _EXPORT_CONVERSATION_KEYS = (
     "title", "created_at", "updated_at", "model", "system_prompt", "settings", "current_leaf",
 )
@@ -48,7 +53,7 @@ def _parse_message(m: object, seen: set[int]) -> dict[str, Any]:
     """One exported message as a row; its parent must be an earlier message of the file."""
     if not isinstance(m, dict):
         raise InvalidInputError("must be an object")
-    extra = set(m) - set(_EXPORT_MESSAGE_KEYS)
+    extra = set(m) - set(_EXPORT_MESSAGE_KEYS) - set(_OPTIONAL_MESSAGE_KEYS)
     if extra:
         raise InvalidInputError(f"unknown keys {sorted(extra)}")
     local = check_id(m.get("id"), "id")
@@ -71,6 +76,9 @@ def _parse_message(m: object, seen: set[int]) -> dict[str, Any]:
         "generated_tokens": check_count(m.get("generated_tokens"), "generated_tokens"),
         "ttft_s": check_float(m.get("ttft_s"), "ttft_s"),
         "tokens_per_s": check_float(m.get("tokens_per_s"), "tokens_per_s"),
+        "prefix_hit_tokens": check_count(m.get("prefix_hit_tokens"), "prefix_hit_tokens"),
+        "cumulative_logprob": check_float(m.get("cumulative_logprob"), "cumulative_logprob"),
+        "sample_group": check_optional_text(m.get("sample_group"), "sample_group"),
     }
 
 
@@ -159,6 +167,7 @@ def export_json(store: Store, conversation_id: int) -> str:
             "generated_tokens": m.generated_tokens,
             "ttft_s": m.ttft_s,
             "tokens_per_s": m.tokens_per_s,
+            **{k: getattr(m, k) for k in _OPTIONAL_MESSAGE_KEYS if getattr(m, k) is not None},
         }
         for m in messages
     ]
@@ -176,6 +185,11 @@ def import_json(store: Store, text: str | bytes) -> Conversation:
     The file is validated in full before anything is written, and written in
     one transaction: a bad file changes nothing.
     """
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = decode_utf8(bytes(text), "the file")
+        except TextError as exc:
+            raise InvalidInputError(f"not a localchat export: invalid JSON ({exc})") from None
     try:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:

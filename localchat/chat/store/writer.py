@@ -97,6 +97,8 @@ class ReplyWriter:
         generated_tokens: int | None = None,
         ttft_s: float | None = None,
         tokens_per_s: float | None = None,
+        prefix_hit_tokens: int | None = None,
+        cumulative_logprob: float | None = None,
     ) -> Message:
         """Save the final text, finish reason and stats; the message is immutable afterwards."""
         self.check_open()
@@ -119,6 +121,8 @@ class ReplyWriter:
                 ),
                 "ttft_s": check_float(ttft_s, "ttft_s"),
                 "tokens_per_s": check_float(tokens_per_s, "tokens_per_s"),
+                "prefix_hit_tokens": check_count(prefix_hit_tokens, "prefix_hit_tokens"),
+                "cumulative_logprob": check_float(cumulative_logprob, "cumulative_logprob"),
             },
         )
         self.finished = True
