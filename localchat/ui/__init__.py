@@ -1,8 +1,11 @@
-"""The browser UI (Gradio). Engine logic stays in ChatService/Store; this package only wires widgets.
+"""The browser UI (Gradio). Engine logic stays in ChatService/Store; this package renders and wires.
 
-- `render`: pure functions from store objects to what the widgets show (safe markdown, labels).
-- `memory_panel`: pure function from a MemorySnapshot to escaped HTML.
-- `app`: the Gradio Blocks (`build_ui`) and `launch`.
+- `thread`, `compare`, `overview`: a conversation tree, replies side by side, the branch overview, as
+  escaped HTML (`markdown` renders message text with nothing active in it).
+- `memory_panel`: the KV pool's data for the panel (drawn by assets/memory_panel.js).
+- `render`: settings widgets to SamplingParams, titles; `presets`: saved settings.
+- `layout` (widgets), `handlers` and `streaming` (their events), `api` (named endpoints), `app`
+  (`build_ui` and `launch`); assets/ui.js is the page's script.
 """
 
 from localchat.ui.memory_panel import render_memory_html

@@ -17,9 +17,9 @@ from localchat.ui.render import params_from_ui, title_from_message
 def register_api(service: ChatService) -> None:
     """Register /send, /regenerate and /edit on the Blocks being built."""
 
-    def api_params(temperature, top_p, max_tokens, seed, n):
+    def api_params(temperature, top_p, max_tokens, seed, n, **more):
         try:
-            return params_from_ui(temperature, top_p, max_tokens, seed, n)
+            return params_from_ui(temperature, top_p, max_tokens, seed, n, **more)
         except ValueError as exc:
             raise user_error(exc) from None
 
@@ -31,13 +31,20 @@ def register_api(service: ChatService) -> None:
         return {"message_ids": [e.message_id for e in outs], "texts": [e.text for e in outs], "finish_reasons": [e.finish_reason for e in outs]}
 
     def api_send(text: str, conversation_id: int | None = None, temperature: float = settings.DEFAULT_TEMPERATURE, top_p: float = settings.DEFAULT_TOP_P,
-                 max_tokens: int = settings.DEFAULT_MAX_TOKENS, seed: int | None = None, n: int = 1) -> dict:
-        """Send a message (a new conversation when conversation_id is None) and return the full reply."""
-        params = api_params(temperature, top_p, max_tokens, seed, n)
+                 max_tokens: int = settings.DEFAULT_MAX_TOKENS, seed: int | None = None, n: int = 1, top_k: int = 0,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0, stop: str = "", beam_width: int = 0) -> dict:
+        """Send a message (a new conversation when conversation_id is None) and return the full reply.
+        `stop`: stop strings, one per line; `beam_width` > 1: beam search (its beams come back as texts)."""
+        params = api_params(temperature, top_p, max_tokens, seed, n, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty, stop=stop, beam_width=beam_width)
         try:
-            if conversation_id is None:
-                conversation_id = service.new_conversation(title_from_message(text) if isinstance(text, str) else "").id
-            out = _collect(service.send(conversation_id, text, params))
+            if conversation_id is None:  # the conversation and its first message together, or neither
+                title = title_from_message(text) if isinstance(text, str) else ""
+                conversation, events = service.send_new(text, params, title=title)
+                conversation_id = conversation.id
+            else:
+                events = service.send(conversation_id, text, params)
+            out = _collect(events)
         except EXPECTED_ERRORS as exc:
             raise user_error(exc) from None
         return {"conversation_id": conversation_id, **out}

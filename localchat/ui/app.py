@@ -1,8 +1,8 @@
-"""The page: widgets (layout.py), their events (handlers.py) and the scripting endpoints (api.py),
-wired together here, and `launch` to serve it.
+"""The page: widgets (layout.py), their events (handlers.py, streaming.py) and the scripting endpoints
+(api.py), wired together here, and `launch` to serve it.
 
 Nothing here touches tensors or block ids: replies come from ChatService, conversations from the
-Store, and the memory panel from `render_memory_html(driver.snapshot())`.
+Store, and the memory panel from the engine's panel snapshot (localchat/engine/panel.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ import gradio as gr  # noqa: E402
 
 from localchat import settings  # noqa: E402
 from localchat.chat.service import ChatService  # noqa: E402
+from localchat.ui import csp  # noqa: E402
 from localchat.ui.api import register_api  # noqa: E402
-from localchat.ui.handlers import Handlers  # noqa: E402
 from localchat.ui.layout import Widgets, build_layout  # noqa: E402
+from localchat.ui.model_picker import ModelPicker, wire_model_picker  # noqa: E402
+from localchat.ui.presets import Presets  # noqa: E402
+from localchat.ui.streaming import ReplyHandlers  # noqa: E402
+
+PRIVATE = {"api_visibility": "private"}  # scripts use api.py's endpoints
 
 
 def _asset(name: str) -> str | None:
@@ -25,63 +30,103 @@ def _asset(name: str) -> str | None:
     return path.read_text(encoding="utf-8") if path.exists() else None
 
 
-def build_ui(service: ChatService, *, title: str = "localchat") -> gr.Blocks:
+def _leaf_into(index: int, *, hide_last: bool = False) -> str:
+    """Event js that puts the branch the page shows into input `index` before the request leaves (and,
+    for a regenerate, hides the reply being replaced at once)."""
+    hide = "if (window.lcHideLast) window.lcHideLast(); " if hide_last else ""
+    return f"(...a) => {{ a[{index}] = window.lcLeaf ? window.lcLeaf() : ''; {hide}return a; }}"
+
+
+def build_ui(service: ChatService, *, title: str = "localchat", presets: Presets | None = None,
+             switcher=None) -> gr.Blocks:
+    """`switcher`: a localchat.chat.engine_switch.ModelSwitcher, for the model picker (None: no switching)."""
+    h = ReplyHandlers(service, presets)
+
+    # The page script's direct calls (assets/ui.js: server.NAME(arg)); their names are the API.
+    def switch_branch(arg):
+        return h.server_switch_branch(arg)
+
+    def memory(arg):
+        return h.server_memory(arg)
+
+    def block_text(arg):
+        return h.server_block_text(arg)
+
     with gr.Blocks(title=title, fill_height=True, elem_id="lc-app") as demo:
-        widgets = build_layout()
-        wire(demo, widgets, Handlers(service))
+        widgets = build_layout({"chat": [switch_branch], "mem": [memory, block_text]})
+        h.w = widgets
+        wire(demo, widgets, h)
+        wire_model_picker(widgets.model_picker, ModelPicker(switcher, service), demo,
+                          after_switch=(h.memory_html, [widgets.mem_html]), private=PRIVATE)
         register_api(service)
+    demo.localchat_routes = [h.live_slots.route()]  # served by launch() beside the page
     return demo
 
 
-def wire(demo: gr.Blocks, w: Widgets, h: Handlers) -> None:
+def wire(demo: gr.Blocks, w: Widgets, h: ReplyHandlers) -> None:
     """Connect each widget event to its handler (events are private: scripts use the api.py endpoints)."""
-    sampling = [w.temperature, w.top_p, w.max_tokens, w.seed, w.n_box]
-    view_outputs = [w.chatbot, w.nav_state, w.nav_label, w.prev_btn, w.next_btn]
-    sample_outputs = [w.samples_row, *w.sample_cols]
-    stream_outputs = [w.chatbot, w.status, w.mem_html, *sample_outputs]
-    finish_outputs = [w.timer, w.mem_html, w.conv_list, w.title_box, *view_outputs]
-    private = {"api_visibility": "private"}
+    select_out = [w.conv_state, w.conv_list, w.title_box, w.system_box, w.chat, w.overview, w.live, w.compare,
+                  w.status, w.export_file]
+    stream_out = [w.msg, *select_out]
+    streaming = {"show_progress": "hidden", "concurrency_limit": settings.UI_CONCURRENCY, **PRIVATE}
 
-    demo.load(h.on_load, None, [w.conv_state, w.conv_list, w.title_box, w.mem_html, *view_outputs], **private)
+    demo.load(h.on_load, None, [*select_out, w.mem_html, w.preset], **PRIVATE)
 
-    # send (button or Enter)
     for trigger in (w.send_btn.click, w.msg.submit):
-        ev = trigger(h.start, [w.msg, w.conv_state, *sampling], [w.msg, w.pending_state, w.params_state, w.timer], **private)
-        gen = ev.success(h.generate_send, [w.pending_state, w.conv_state, w.params_state, w.system_box],
-                         [w.conv_state, w.conv_list, w.title_box, *stream_outputs],
-                         concurrency_limit=settings.UI_CONCURRENCY, **private)
-        gen.then(h.finish, [w.conv_state, w.nav_state], finish_outputs, **private)
+        trigger(h.send_message, [w.msg, w.conv_state, w.leaf_box, w.system_box, *w.settings], stream_out, js=_leaf_into(2), **streaming)
+    w.regen_btn.click(h.regenerate_last, [w.conv_state, w.leaf_box, *w.settings], stream_out, js=_leaf_into(1, hide_last=True), **streaming)
+    w.chat.lc_regen(h.regenerate_message, [w.conv_state, *w.settings], stream_out, **streaming)
+    w.chat.lc_edit(h.edit_message, [w.conv_state, *w.settings], stream_out, **streaming)
+    w.chat.lc_compare(h.on_compare, [w.conv_state], [w.compare], show_progress="hidden", **PRIVATE)
+    w.stop_btn.click(h.on_stop, None, None, queue=False, **PRIVATE)
 
-    ev = w.regen_btn.click(h.start_regenerate, [w.conv_state, *sampling], [w.params_state, w.timer], **private)
-    regen_event = ev.success(h.generate_regenerate, [w.conv_state, w.params_state], stream_outputs, concurrency_limit=settings.UI_CONCURRENCY, **private)
-    regen_event.then(h.finish, [w.conv_state, w.nav_state], finish_outputs, **private)
+    w.new_btn.click(h.on_new, [w.search_box], select_out, **PRIVATE)
+    w.conv_list.input(h.on_pick, [w.conv_list, w.search_box], select_out, **PRIVATE)
+    # change (not input): a pasted or dropped query searches too
+    w.search_box.change(h.on_search, [w.search_box, w.conv_state], [w.conv_list], trigger_mode="always_last",
+                        show_progress="hidden", **PRIVATE)
+    w.rename_btn.click(h.on_rename, [w.conv_state, w.title_box, w.search_box], [w.conv_list], **PRIVATE)
+    w.delete_btn.click(h.on_delete, [w.conv_state, w.search_box], select_out, **PRIVATE)
+    w.system_box.blur(h.on_system, [w.conv_state, w.system_box], None, **PRIVATE)
+    w.export_json_btn.click(lambda c: h.on_export(c, "json"), [w.conv_state], [w.export_file], **PRIVATE)
+    w.export_md_btn.click(lambda c: h.on_export(c, "md"), [w.conv_state], [w.export_file], **PRIVATE)
+    w.import_btn.upload(h.on_import, [w.import_btn, w.search_box], select_out, **PRIVATE)
 
-    ev = w.edit_btn.click(h.start_edit, [w.conv_state, w.edit_state, w.edit_box, *sampling], [w.pending_state, w.params_state, w.timer], **private)
-    edit_event = ev.success(h.generate_edit, [w.edit_state, w.pending_state, w.params_state], stream_outputs, concurrency_limit=settings.UI_CONCURRENCY, **private)
-    edit_event.then(h.finish, [w.conv_state, w.nav_state], finish_outputs, **private)
+    w.preset.input(h.on_preset, [w.preset], [*w.settings, w.system_box, w.preset_name], **PRIVATE)
+    w.preset_save.click(h.on_preset_save, [w.preset_name, w.system_box, *w.settings], [w.preset], **PRIVATE)
+    w.preset_delete.click(h.on_preset_delete, [w.preset], [w.preset], **PRIVATE)
 
-    w.stop_btn.click(h.on_stop, None, None, **private)
+    w.mem_acc.expand(h.memory_html, None, w.mem_html, show_progress="hidden", **PRIVATE)
+    w.mem_refresh.click(h.memory_html, None, w.mem_html, **PRIVATE)
 
-    w.prev_btn.click(lambda c, m: h.on_navigate(c, m, -1), [w.conv_state, w.nav_state], view_outputs, **private)
-    w.next_btn.click(lambda c, m: h.on_navigate(c, m, +1), [w.conv_state, w.nav_state], view_outputs, **private)
-    w.chatbot.select(h.on_select, [w.conv_state], [*view_outputs, w.edit_state, w.edit_box], **private)
 
-    w.new_btn.click(h.on_new, None, [w.conv_state, w.conv_list, w.title_box, w.status, *sample_outputs, *view_outputs], **private)
-    # The chatbot's own trash button only clears the view: treat it as "new chat" (nothing is deleted).
-    w.chatbot.clear(h.on_new, None, [w.conv_state, w.conv_list, w.title_box, w.status, *sample_outputs, *view_outputs], **private)
-    w.conv_list.input(h.on_pick, [w.conv_list], [w.conv_state, w.title_box, w.system_box, w.status, *sample_outputs, *view_outputs], **private)
-    w.rename_btn.click(h.on_rename, [w.conv_state, w.title_box], [w.conv_list], **private)
-    w.delete_btn.click(h.on_delete, [w.conv_state], [w.conv_state, w.conv_list, w.title_box, *sample_outputs, *view_outputs], **private)
+def _quiet_queue(demo: gr.Blocks) -> None:
+    """Gradio's queue looks for new events every millisecond, even when there are none: measured here
+    (an idle page, this machine), 3-5% of a core taken from the engine's threads. Every 5 ms is
+    still unnoticeable to a person (an event starts at most 5 ms later); progress bars are unused."""
+    queue = getattr(demo, "_queue", None)
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = max(queue.sleep_when_free, settings.UI_QUEUE_POLL_S)
+        queue.progress_update_sleep_when_free = max(getattr(queue, "progress_update_sleep_when_free", 0.0), 0.1)
 
-    w.timer.tick(h.memory_html, None, w.mem_html, show_progress="hidden", **private)
-    w.mem_acc.expand(h.memory_html, None, w.mem_html, show_progress="hidden", **private)
-    w.mem_refresh.click(h.memory_html, None, w.mem_html, **private)
+
+def _early_scripts() -> list:
+    """assets/quiet_timers.js at the very top of the page's HTML (localchat/ui/early_script.py says why
+    it cannot go in Gradio's `head`)."""
+    from starlette.middleware import Middleware
+
+    from localchat.ui.early_script import EarlyScript
+
+    quiet = _asset("quiet_timers.js")
+    return [Middleware(EarlyScript, script=quiet)] if quiet else []
 
 
 def launch(demo: gr.Blocks, *, host: str = settings.DEFAULT_HOST, port: int | None = settings.DEFAULT_PORT, share: bool = False,
-           prevent_thread_lock: bool = False, quiet: bool = False):
-    """Start the server; theme, CSS and JS go to launch() in Gradio 6."""
+           prevent_thread_lock: bool = False, quiet: bool = False, routes: list | None = None, auth=None):
+    """Start the server; theme, CSS and JS go to launch() in Gradio 6. `routes` (Starlette routes, e.g.
+    the OpenAI API's) are served on the same port, ahead of the page's own; `auth` guards the page."""
     demo.queue(default_concurrency_limit=settings.UI_CONCURRENCY)
+    _quiet_queue(demo)
     return demo.launch(
         server_name=host,
         server_port=port,
@@ -94,5 +139,10 @@ def launch(demo: gr.Blocks, *, host: str = settings.DEFAULT_HOST, port: int | No
                              font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
         css=_asset("ui.css"),
         js=_asset("ui.js"),
+        head=f"<script>{_asset('memory_panel.js') or ''}</script>",  # started by ui.js
         footer_links=["api"],
+        # The Content-Security-Policy and its sibling headers on every response (localchat/ui/csp.py).
+        app_kwargs={"routes": [*getattr(demo, "localchat_routes", []), *(routes or [])],
+                    "middleware": [*csp.middleware(), *_early_scripts()]},
+        auth=auth,
     )

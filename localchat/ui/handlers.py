@@ -1,37 +1,35 @@
-"""The page's event handlers: every widget event of localchat/ui/app.py lands on a method here.
+"""The page's event handlers, except the streaming of replies (localchat/ui/streaming.py).
 
-They call ChatService and the Store and render with localchat/ui/render.py and memory_panel.py;
-nothing here touches tensors or block ids. Errors the user can fix come back as gr.Error messages,
-never as tracebacks.
+They call ChatService and the Store and render with localchat/ui (thread, compare, overview,
+memory_panel); nothing here touches tensors or block ids. Errors the user can fix come back as
+gr.Error messages, never as tracebacks. Handlers return dicts {widget: value}: only those widgets
+change. The page script's own calls (branch switches, the memory panel's polling, a block's text)
+are the `server_*` methods: plain requests, never queued behind a reply.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import re
+import tempfile
+from pathlib import Path
 
 import gradio as gr
 
-from localchat import settings
 from localchat.chat.service import ChatService
 from localchat.chat.store import StoreError
-from localchat.engine import RequestError, SamplingParams
-from localchat.ui.memory_panel import render_memory_html
-from localchat.ui.render import (
-    branch_label,
-    chat_messages,
-    conversation_choices,
-    params_from_ui,
-    safe_markdown,
-    stats_line,
-    title_from_message,
-)
+from localchat.engine import RequestError
+from localchat.engine.panel import block_tokens, cached_prefix_tokens, panel_snapshot
+from localchat.ui.compare import compare_html
+from localchat.ui.layout import Widgets
+from localchat.ui.memory_panel import panel_data, render_memory_html
+from localchat.ui.overview import overview_html
+from localchat.ui.presets import BUILTIN, PresetError, Presets
+from localchat.ui.render import SETTING_NAMES, conversation_choices, params_from_settings
+from localchat.ui.thread import Tree, conversation_html
 
 log = logging.getLogger(__name__)
 
-MAX_SAMPLES = settings.UI_MAX_SAMPLES  # columns for n samples side by side
-STREAM_INTERVAL_S = 0.05  # at most this often a streamed update goes to the browser
-MEMORY_INTERVAL_S = 0.4  # at most this often a streamed update redraws the memory panel
 EXPECTED_ERRORS = (ValueError, StoreError, RequestError, RuntimeError)
 
 
@@ -45,211 +43,161 @@ def err(message: str) -> gr.Error:
     return gr.Error(message, title="localchat", duration=6, print_exception=False)
 
 
+def _int_or_none(value) -> int | None:
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 class Handlers:
-    def __init__(self, service: ChatService) -> None:
+    def __init__(self, service: ChatService, presets: Presets | None = None) -> None:
         self.service = service
         self.store = service.store
-        self.driver = service.driver
+        self.presets = presets or Presets()
         self.stop_requested: set[str] = set()  # session hashes whose current reply should stop
+        self.w: Widgets | None = None  # set by localchat/ui/app.py once the widgets exist
+        self._export_dir = Path(tempfile.mkdtemp(prefix="localchat-export-"))
 
     def session_of(self, request: gr.Request | None) -> str:
         return getattr(request, "session_hash", None) or ""
 
-    # ------------------------------------------------------------ pure-ish views
+    def read_params(self, settings_values):
+        try:
+            return params_from_settings(settings_values)
+        except ValueError as exc:
+            raise user_error(exc) from None
+
+    @property
+    def driver(self):
+        """The engine client now (the model picker can switch engines under the page)."""
+        return self.service.driver
+
+    @property
+    def info(self):
+        """The engine's info now (the model picker can switch models under the page)."""
+        return self.service.info
+
+    # ------------------------------------------------------------ views
+    @property
+    def remote(self) -> bool:
+        """The engine runs on another server: its block tables are not reachable (localchat/api/remote.py)."""
+        return bool((getattr(self.info, "details", None) or {}).get("remote_url"))
+
     def memory_html(self) -> str:
         try:
-            return render_memory_html(self.driver.snapshot(), title=f"KV cache · {self.service.info.model_name}")
+            if self.remote:
+                from localchat.ui.remote_panel import render_remote_html
+
+                return render_remote_html(self.driver.snapshot(), title=f"KV cache · {self.info.model_name}")
+            snap = self.driver.call(panel_snapshot)
+            return render_memory_html(snap, title=f"KV cache · {self.info.model_name}", labels=self.owner_labels(),
+                                      block_bytes=snap.block_bytes)
         except Exception as exc:  # noqa: BLE001 - the panel must never break the page
             log.exception("memory snapshot failed")
             return render_memory_html(None) + f"<!-- {type(exc).__name__} -->"
 
-    def sidebar(self, conv_id):
-        choices = conversation_choices(self.store.list_conversations(limit=200))
+    def owner_labels(self) -> dict:
+        """request id -> (owner key, label) for the replies being generated now, all tabs together."""
+        labels = {}
+        for rid, live in list(self.service.live.items()):
+            try:
+                title = self.store.get_conversation(live.conversation_id).title or f"Chat {live.conversation_id}"
+                turn = len(self.store.path(live.parent_id)) + 1
+            except StoreError:
+                continue
+            title = title if len(title) <= 24 else title[:23] + "…"
+            labels[rid] = (rid, f"«{title}» · message {turn}")
+        return labels
+
+    def sidebar(self, conv_id, query: str = ""):
+        try:
+            found = (self.store.search_conversations(query.strip(), limit=200) if isinstance(query, str) and query.strip()
+                     else self.store.list_conversations(limit=200))
+        except StoreError as exc:
+            raise user_error(exc) from None
+        choices = conversation_choices(found)
         value = str(conv_id) if conv_id is not None and any(v == str(conv_id) for _, v in choices) else None
         return gr.Radio(choices=choices, value=value)
 
-    def default_nav(self, path) -> int | None:
-        for m in reversed(path):
-            if self.store.siblings(m.id).count > 1:
-                return m.id
-        return path[-1].id if path else None
-
-    def current_path(self, conv_id):
+    def messages(self, conv_id):
         try:
-            return self.store.current_path(conv_id) if conv_id is not None else []
+            conv = self.store.get_conversation(conv_id)
+            return conv, self.store.list_messages(conv_id)
         except StoreError:  # deleted meanwhile (another tab): show an empty chat
-            return []
+            return None, []
 
-    def chat_view(self, conv_id, nav_id=None):
-        """(chatbot, nav_state, nav label, prev button, next button) for the conversation's branch."""
-        path = self.current_path(conv_id)
-        ids = [m.id for m in path]
-        if nav_id not in ids:
-            nav_id = self.default_nav(path)
-        if nav_id is None:
-            label, has_prev, has_next = "", False, False
-        else:
-            sib = self.store.siblings(nav_id)
-            pos = ids.index(nav_id)
-            label = branch_label(path[pos].role, pos, sib.index, sib.count)
-            has_prev, has_next = sib.index > 0, sib.index < sib.count - 1
-        return (
-            chat_messages(path),
-            nav_id,
-            label,
-            gr.Button(interactive=has_prev),
-            gr.Button(interactive=has_next),
-        )
-
-    def hidden_samples(self):
-        return [gr.Row(visible=False)] + [gr.Markdown(value="", visible=False) for _ in range(MAX_SAMPLES)]
-
-    def read_params(self, temperature, top_p, max_tokens, seed, n):
+    def cached_tokens(self, id_lists):
+        if self.remote:
+            return None
         try:
-            params = params_from_ui(temperature, top_p, max_tokens, seed, n)
-        except ValueError as exc:
-            raise user_error(exc) from None
-        if params.n > MAX_SAMPLES:
-            raise err(f"n must be at most {MAX_SAMPLES} here (the UI shows up to {MAX_SAMPLES} samples side by side)")
-        return params
+            return self.driver.call(cached_prefix_tokens, id_lists)
+        except Exception:  # noqa: BLE001 - the marks are a hint; the engine may be busy or gone
+            log.exception("prefix cache query failed")
+            return [0] * len(id_lists)
 
-    # ----------------------------------------------------------------- streaming
-    def stream_reply(self, events_iter, base: list[dict], n: int, session: str):
-        """ChatService events as widget updates: (chatbot, status, memory panel, samples row, *columns).
+    def views(self, conv_id, leaf: int | None | str = "current", compare_of: int | None = None) -> dict:
+        """The conversation showing the branch that ends at `leaf` ("current": the conversation's own;
+        None: no message), its overview and, if asked, the comparison of a message's siblings."""
+        w = self.w
+        conv, messages = self.messages(conv_id) if conv_id is not None else (None, [])
+        if conv is None:
+            conv_id, messages = None, []
+        if leaf == "current":
+            leaf = conv.current_leaf_id if conv else None
+        tok = self.info.tokenizer
+        count = (lambda text: len(tok.encode(text, add_special_tokens=False))) if tok is not None else None
+        out = {
+            w.chat: conversation_html(conv_id, messages, leaf, context=self.info.max_model_len, count_tokens=count),
+            w.overview: overview_html(conv_id, messages, leaf, cached=None if self.remote else self.cached_tokens,
+                                      block_size=max(1, self.info.block_size)),
+        }
+        if compare_of is not None:
+            out[w.compare] = compare_html(messages, compare_of, Tree.of(messages).path(leaf))
+        return out
 
-        The memory panel is redrawn from the stream too (besides the timer), at most every
-        MEMORY_INTERVAL_S, so even a reply faster than the timer shows its live blocks.
-        """
-        last = last_mem = 0.0
-        final = None
-        stopped = False
-        for events in events_iter:
-            if session in self.stop_requested:
-                events_iter.close()  # ChatService aborts the request and keeps what was shown
-                stopped = True
-                break
-            if not events:
-                continue
-            final = events[0]
-            now = time.monotonic()
-            if now - last < STREAM_INTERVAL_S and not events[0].finished:
-                continue
-            last = now
-            mem = gr.skip()
-            if now - last_mem >= MEMORY_INTERVAL_S and not events[0].finished:
-                mem, last_mem = self.memory_html(), now
-            chat = base + [{"role": "assistant", "content": safe_markdown(events[0].text)}]
-            if n > 1:
-                columns = []
-                for i in range(MAX_SAMPLES):
-                    if i < len(events):
-                        columns.append(gr.Markdown(value=f"**Sample {i + 1}**\n\n" + safe_markdown(events[i].text), visible=True))
-                    else:
-                        columns.append(gr.Markdown(value=f"**Sample {i + 1}**" if i < n else "", visible=i < n))
-                yield (chat, "generating…", mem, gr.Row(visible=True), *columns)
-            else:
-                yield (chat, "generating…", mem, *self.hidden_samples())
-        self.stop_requested.discard(session)
-        if stopped:
-            yield (gr.skip(), "Stopped: the reply so far is saved.", *([gr.skip()] * (MAX_SAMPLES + 2)))
-        elif final is not None:
-            yield (gr.skip(), stats_line(final), *([gr.skip()] * (MAX_SAMPLES + 2)))
+    def select(self, conv_id, query: str = "") -> dict:
+        """Everything that changes when the page shows another conversation (or none)."""
+        w = self.w
+        conv = None
+        if conv_id is not None:
+            try:
+                conv = self.store.get_conversation(conv_id)
+            except StoreError:
+                conv_id = None
+        return {
+            **self.views(conv_id),
+            w.conv_state: conv_id,
+            w.conv_list: self.sidebar(conv_id, query),
+            w.title_box: conv.title if conv else "",
+            w.system_box: (conv.system_prompt or "") if conv else gr.skip(),
+            w.live: "",
+            w.compare: "",
+            w.status: "",
+            w.export_file: gr.File(value=None, visible=False),
+        }
 
-    def start(self, text, conv_id, temperature, top_p, max_tokens, seed, n, request: gr.Request = None):
-        """Validate before anything is saved; clear the box and start the memory timer."""
-        self.stop_requested.discard(self.session_of(request))
-        if not isinstance(text, str) or not text.strip():
-            raise err("The message is empty: write something first.")
-        params = self.read_params(temperature, top_p, max_tokens, seed, n)
-        return "", text, params.to_dict(), gr.Timer(active=True)
+    # ------------------------------------------------------------ conversations
+    def on_load(self, request: gr.Request):
+        wanted = _int_or_none(getattr(request, "query_params", {}).get("c")) if request is not None else None
+        if wanted is None:
+            newest = self.store.list_conversations(limit=1)
+            wanted = newest[0].id if newest else None
+        out = self.select(wanted)
+        out[self.w.mem_html] = self.memory_html()
+        out[self.w.preset] = gr.Dropdown(choices=self.presets.names())
+        return out
 
-    def generate_send(self, pending, conv_id, params_dict, system_prompt, request: gr.Request = None):
-        params = SamplingParams.from_dict(params_dict)
-        try:
-            if conv_id is None:
-                system = system_prompt.strip() if isinstance(system_prompt, str) and system_prompt.strip() else None
-                conv = self.service.new_conversation(title_from_message(pending), system_prompt=system, settings={"sampling": params_dict})
-                conv_id = conv.id
-            base = chat_messages(self.store.current_path(conv_id)) + [{"role": "user", "content": safe_markdown(pending)}]
-            events = self.service.send(conv_id, pending, params)
-            first = True
-            for update in self.stream_reply(events, base, params.n, self.session_of(request)):
-                if first:  # the new conversation shows in the sidebar while its reply streams
-                    yield (conv_id, self.sidebar(conv_id), self.store.get_conversation(conv_id).title, *update)
-                    first = False
-                else:
-                    yield (conv_id, gr.skip(), gr.skip(), *update)
-        except EXPECTED_ERRORS as exc:
-            raise user_error(exc) from None
+    def on_pick(self, value, query):
+        return self.select(_int_or_none(value), query)
 
-    def start_regenerate(self, conv_id, temperature, top_p, max_tokens, seed, n, request: gr.Request = None):
-        self.stop_requested.discard(self.session_of(request))
-        path = self.current_path(conv_id)
-        if not path or path[-1].role != "assistant":
-            raise err("There is no reply to regenerate yet: send a message first.")
-        params = self.read_params(temperature, top_p, max_tokens, seed, n)
-        return params.to_dict(), gr.Timer(active=True)
+    def on_new(self, query):
+        return self.select(None, query)
 
-    def generate_regenerate(self, conv_id, params_dict, request: gr.Request = None):
-        params = SamplingParams.from_dict(params_dict)
-        try:
-            path = self.store.current_path(conv_id)
-            reply = path[-1]
-            base = chat_messages(path[:-1])
-            events = self.service.regenerate(reply.id, params)
-            for update in self.stream_reply(events, base, params.n, self.session_of(request)):
-                yield update
-        except EXPECTED_ERRORS as exc:
-            raise user_error(exc) from None
+    def on_search(self, query, conv_id):
+        return {self.w.conv_list: self.sidebar(conv_id, query)}
 
-    def start_edit(self, conv_id, edit_id, text, temperature, top_p, max_tokens, seed, n, request: gr.Request = None):
-        self.stop_requested.discard(self.session_of(request))
-        if edit_id is None or edit_id not in {m.id for m in self.current_path(conv_id)}:
-            raise err("Select one of your messages in the chat first, then edit it here.")
-        if not isinstance(text, str) or not text.strip():
-            raise err("The edited message is empty: write something first.")
-        params = self.read_params(temperature, top_p, max_tokens, seed, n)
-        return text, params.to_dict(), gr.Timer(active=True)
-
-    def generate_edit(self, edit_id, pending, params_dict, request: gr.Request = None):
-        params = SamplingParams.from_dict(params_dict)
-        try:
-            original = self.store.get_message(edit_id)
-            before = self.store.path(original.parent_id) if original.parent_id is not None else []
-            base = chat_messages(before) + [{"role": "user", "content": safe_markdown(pending)}]
-            events = self.service.edit(edit_id, pending, params)
-            for update in self.stream_reply(events, base, params.n, self.session_of(request)):
-                yield update
-        except EXPECTED_ERRORS as exc:
-            raise user_error(exc) from None
-
-    def finish(self, conv_id, nav_id):
-        """After a reply: stop the timer, redraw from the store (the saved branch) and the sidebar."""
-        try:
-            title_value = self.store.get_conversation(conv_id).title if conv_id is not None else ""
-        except StoreError:
-            title_value = ""
-        return (gr.Timer(active=False), self.memory_html(), self.sidebar(conv_id), title_value, *self.chat_view(conv_id, None))
-
-    # ------------------------------------------------------------- other events
-    def on_load(self):
-        conversations = self.store.list_conversations(limit=1)
-        conv_id = conversations[0].id if conversations else None
-        title_value = conversations[0].title if conversations else ""
-        return (conv_id, self.sidebar(conv_id), title_value, self.memory_html(), *self.chat_view(conv_id))
-
-    def on_pick(self, value):
-        try:
-            conv_id = int(value) if value not in (None, "") else None
-            conv = self.store.get_conversation(conv_id) if conv_id is not None else None
-        except EXPECTED_ERRORS as exc:
-            raise user_error(exc) from None
-        return (conv_id, conv.title if conv else "", conv.system_prompt or "" if conv else gr.skip(), "", *self.hidden_samples(), *self.chat_view(conv_id))
-
-    def on_new(self):
-        return (None, gr.Radio(value=None), "", "", *self.hidden_samples(), *self.chat_view(None))
-
-    def on_rename(self, conv_id, new_title):
+    def on_rename(self, conv_id, new_title, query):
         if conv_id is None:
             raise err("Start or pick a conversation first.")
         if not isinstance(new_title, str) or not new_title.strip():
@@ -259,9 +207,9 @@ class Handlers:
         except EXPECTED_ERRORS as exc:
             raise user_error(exc) from None
         gr.Info("Renamed.")
-        return self.sidebar(conv_id)
+        return {self.w.conv_list: self.sidebar(conv_id, query)}
 
-    def on_delete(self, conv_id):
+    def on_delete(self, conv_id, query):
         if conv_id is None:
             raise err("There is no conversation selected to delete.")
         try:
@@ -269,32 +217,132 @@ class Handlers:
         except EXPECTED_ERRORS as exc:
             raise user_error(exc) from None
         rest = self.store.list_conversations(limit=1)
-        new_id = rest[0].id if rest else None
-        return (new_id, self.sidebar(new_id), rest[0].title if rest else "", *self.hidden_samples(), *self.chat_view(new_id))
+        return self.select(rest[0].id if rest else None, query)
 
-    def on_navigate(self, conv_id, nav_id, step):
-        if conv_id is None or nav_id is None:
-            return self.chat_view(conv_id, nav_id)
+    def on_system(self, conv_id, text):
+        """The system prompt belongs to the conversation: it applies from its first message (edit
+        that message to start a branch with the new prompt)."""
+        if conv_id is None or not isinstance(text, str):
+            return {}
         try:
-            sib = self.store.siblings(nav_id)
-            target = sib.index + step
-            if not 0 <= target < sib.count:
-                return self.chat_view(conv_id, nav_id)
-            self.store.switch_branch(sib.ids[target])
+            conv = self.store.get_conversation(conv_id)
+            if (conv.system_prompt or "") != text:
+                self.store.update_conversation(conv_id, system_prompt=text.strip() or None)
         except EXPECTED_ERRORS as exc:
             raise user_error(exc) from None
-        return self.chat_view(conv_id, sib.ids[target])
+        return {}
 
-    def on_select(self, conv_id, evt: gr.SelectData):
-        path = self.current_path(conv_id)
-        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        if not isinstance(index, int) or not 0 <= index < len(path):
-            return (*self.chat_view(conv_id), gr.skip(), gr.skip())
-        message = path[index]
-        if message.role == "user":
-            return (*self.chat_view(conv_id, message.id), message.id, message.content)
-        return (*self.chat_view(conv_id, message.id), None, "")
+    # ------------------------------------------------------------ export and import
+    def on_export(self, conv_id, fmt: str):
+        if conv_id is None:
+            raise err("Pick a conversation to export first.")
+        try:
+            conv = self.store.get_conversation(conv_id)
+            text = self.store.export_json(conv_id) if fmt == "json" else self.store.export_markdown(conv_id)
+        except EXPECTED_ERRORS as exc:
+            raise user_error(exc) from None
+        stem = re.sub(r"[^\w\- ]+", "", conv.title or "").strip().replace(" ", "-")[:40] or f"chat-{conv_id}"
+        folder = Path(tempfile.mkdtemp(dir=self._export_dir))
+        path = folder / f"{stem}.{'json' if fmt == 'json' else 'md'}"
+        path.write_text(text, encoding="utf-8")
+        return {self.w.export_file: gr.File(value=str(path), visible=True)}
 
-    def on_stop(self, request: gr.Request = None):
+    def on_import(self, file, query):
+        path = getattr(file, "name", file)
+        if not path:
+            raise err("Choose a JSON file exported by localchat.")
+        try:
+            data = Path(path).read_bytes()
+            if len(data) > 64 * 2**20:
+                raise ValueError("the file is larger than 64 MiB")
+            conv = self.store.import_json(data)
+        except (OSError, *EXPECTED_ERRORS) as exc:
+            raise user_error(exc) from None
+        gr.Info(f"Imported “{conv.title or 'Untitled'}”.")
+        return self.select(conv.id, query)
+
+    # ------------------------------------------------------------ comparisons
+    def on_compare(self, evt: gr.EventData, conv_id):
+        message_id = _int_or_none((getattr(evt, "_data", None) or {}).get("message_id"))
+        if conv_id is None or message_id is None:
+            return {}
+        conv, messages = self.messages(conv_id)
+        if conv is None or message_id not in {m.id for m in messages}:
+            raise err("That message is not in this conversation any more.")
+        leaf = _int_or_none((getattr(evt, "_data", None) or {}).get("leaf")) or conv.current_leaf_id
+        return {self.w.compare: compare_html(messages, message_id, Tree.of(messages).path(leaf))}
+
+    # ------------------------------------------------------------ presets
+    def on_preset(self, name):
+        if not name:
+            return {}
+        try:
+            values = self.presets.get(name)
+        except PresetError as exc:
+            raise user_error(exc) from None
+        w = self.w
+        out = {widget: values[field] for widget, field in zip(w.settings, SETTING_NAMES)}
+        out[w.system_box] = values.get("system_prompt", "")
+        out[w.preset_name] = "" if name in BUILTIN else name
+        return out
+
+    def on_preset_save(self, name, system, *values):
+        try:
+            params_from_settings(values)  # a preset that could not run is refused now, not later
+            self.presets.save(name, {"system_prompt": system or "", **dict(zip(SETTING_NAMES, values))})
+        except (PresetError, ValueError) as exc:
+            raise user_error(exc) from None
+        gr.Info(f"Saved the preset “{name.strip()}”.")
+        return {self.w.preset: gr.Dropdown(choices=self.presets.names(), value=name.strip())}
+
+    def on_preset_delete(self, name):
+        try:
+            self.presets.delete(name)
+        except PresetError as exc:
+            raise user_error(exc) from None
+        return {self.w.preset: gr.Dropdown(choices=self.presets.names(), value=None)}
+
+    def on_stop(self, request: gr.Request):
         """Ask this browser session's running reply to stop (it aborts and keeps what was shown)."""
         self.stop_requested.add(self.session_of(request))
+
+    # ------------------------------------------------------------ the page script's calls
+    def server_switch_branch(self, arg) -> dict:
+        """The page showed another branch: make it current, so the next message continues there."""
+        arg = arg if isinstance(arg, dict) else {}
+        conv_id, leaf = _int_or_none(arg.get("conv")), _int_or_none(arg.get("leaf"))
+        if conv_id is None or leaf is None:
+            return {"error": "conv and leaf must be message ids"}
+        try:
+            if self.store.get_message(leaf).conversation_id != conv_id:
+                return {"error": "that message belongs to another conversation"}
+            self.store.switch_branch(leaf)
+        except StoreError as exc:
+            return {"error": str(exc)}
+        return {"ok": True, "leaf": leaf}
+
+    def server_memory(self, arg) -> dict:
+        """The memory panel's poll: the pool now and the timeline since the last poll."""
+        since = arg.get("since") if isinstance(arg, dict) else None
+        since = float(since) if isinstance(since, (int, float)) else None
+        if self.remote:
+            return {"error": "the engine runs on a remote server: refresh the panel for its /metrics"}
+        try:
+            snap = self.driver.call(panel_snapshot, since)
+        except Exception as exc:  # noqa: BLE001 - the panel must never break the page
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return panel_data(snap, title=f"KV cache · {self.info.model_name}", labels=self.owner_labels(),
+                          block_bytes=snap.block_bytes, since=since)
+
+    def server_block_text(self, arg) -> dict:
+        """The text a block's tokens spell (hovering a block in the panel)."""
+        block = _int_or_none(arg.get("block")) if isinstance(arg, dict) else None
+        if block is None:
+            return {"error": "block must be a block id"}
+        if self.remote or self.info.tokenizer is None:
+            return {"error": "block contents are not reachable on a remote engine"}
+        try:
+            ids = self.driver.call(block_tokens, [block]).get(block, [])
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"block": block, "tokens": len(ids), "text": self.info.tokenizer.decode(ids, skip_special_tokens=False)}

@@ -1,25 +1,29 @@
-"""The memory panel: a MemorySnapshot drawn as HTML (pure, every piece of text escaped)."""
+"""The memory panel's data: the KV pool, who owns each used block, and its recent history.
+
+The engine answers with arrays (localchat.engine.panel.PanelSnapshot); this module turns them into
+one JSON-ready dict that assets/memory_panel.js draws: figures under design.md's names (and in MiB), the pool
+as one character per block on a canvas (so tens of thousands of blocks stay fast to draw), each live
+sequence with a label saying which conversation and sample it serves, and the timeline of blocks
+used, cached and shared with forks, copy-on-write copies and preemptions marked.
+
+`render_memory_html` wraps that dict into the panel's HTML (the dict travels escaped in an
+attribute; the script only ever sets text, never markup).
+"""
 
 from __future__ import annotations
 
 import html
+import json
 
-MAX_GRID_BLOCKS = 4096  # a bigger pool shows its first blocks and says how many are left out
-MAX_TABLES = 16
-MAX_TABLE_BLOCKS = 256
+from localchat.engine.block_manager import CACHED, USED, CompactSnapshot, MemorySnapshot
 
-
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _pct(x: float) -> str:
-    return f"{100 * float(x):.1f}%"
+STATE_CHARS = {0: "f", CACHED: "c", USED: "u"}  # free, cached, used
+TIMELINE_S = 300.0  # the timeline shows the last five minutes
 
 
 def memory_figures(snapshot) -> dict:
     """The figures the panel shows, under design.md's names."""
-    f = snapshot.figures
+    f = _memory(snapshot).figures
     return {
         "blocks_total": f.blocks_total,
         "blocks_used": f.blocks_used,
@@ -28,101 +32,89 @@ def memory_figures(snapshot) -> dict:
         "block_size": f.block_size,
         "kv_utilization": f.kv_utilization,
         "sharing_savings": f.sharing_savings,
+        "blocks_unshared": f.blocks_unshared,
         "cow_copies": f.cow_copies,
         "preemptions": f.preemptions,
         "prefix_hit_tokens": f.prefix_hit_tokens,
         "prompt_tokens": f.prompt_tokens,
         "prefix_hit_rate": f.prefix_hit_rate,
+        "evictions": f.evictions,
         "num_sequences": f.num_sequences,
     }
 
 
-def _block_class(b) -> str:
-    cls = f"lc-blk lc-{b.state}" if b.state in ("free", "cached", "used") else "lc-blk lc-unknown"
-    if b.state == "used" and b.ref_count > 1:
-        cls += " lc-shared"
-    return cls
+def _memory(snapshot):
+    """The pool part of any snapshot: a PanelSnapshot's, or a block manager's own."""
+    return getattr(snapshot, "memory", snapshot)
 
 
-def _block_title(b) -> str:
-    text = f"block {b.block_id}: {b.state}, {b.num_tokens} tokens"
-    if b.ref_count:
-        text += f", ref count {b.ref_count}"
-    if b.owners:
-        text += ", sequences " + ", ".join(str(o) for o in b.owners)
-    return text
+def _states(memory) -> str:
+    if isinstance(memory, CompactSnapshot):
+        return memory.states.decode("latin-1").translate({0: "f", CACHED: "c", USED: "u"})
+    if isinstance(memory, MemorySnapshot):  # the per-block snapshot: tests and older callers
+        return "".join({"free": "f", "cached": "c", "used": "u"}.get(b.state, "f") for b in memory.blocks)
+    return ""
 
 
-def render_memory_html(snapshot, *, title: str = "KV cache") -> str:
-    """HTML for the memory panel: the figures, a grid of blocks coloured by state, and the tables."""
+def _timeline(memory, since: float | None) -> dict:
+    view = getattr(memory, "timeline", None)
+    if view is None:
+        return {"now": None, "samples": [], "events": []}
+    horizon = view.now - TIMELINE_S
+    return {
+        "now": view.now,
+        "samples": [list(s) for s in view.samples if s[0] >= horizon],
+        "events": [[t, kind, seq] for t, kind, seq in view.events if t >= horizon],
+    }
+
+
+def panel_data(snapshot, *, title: str = "KV cache", labels: dict | None = None, block_bytes: int = 0,
+               since: float | None = None) -> dict:
+    """The JSON the panel draws. `labels` maps request id -> (owner key, label) for live sequences."""
+    memory = _memory(snapshot)
+    figures = memory_figures(snapshot)
+    labels = labels or {}
+    live = {s.seq_id: s for s in getattr(snapshot, "sequences", ())}
+    per_request: dict = {}
+    for s in live.values():
+        per_request[s.request_id] = per_request.get(s.request_id, 0) + 1
+    seqs = []
+    for seq_id, table in sorted(memory.tables.items()):
+        s = live.get(seq_id)
+        if s is None:
+            owner, label = str(seq_id), f"sequence {seq_id}"
+        else:
+            owner, label = labels.get(s.request_id, (s.request_id, f"request {s.request_id}"))
+            if s.beam or per_request[s.request_id] > 1 or s.index:
+                label += f" · {'beam' if s.beam else 'sample'} {s.index + 1}"
+        seqs.append({"seq": seq_id, "owner": owner, "label": label, "tokens": memory.seq_tokens.get(seq_id, 0),
+                     "blocks": list(table), "status": s.status if s else "running"})
+    mib = block_bytes / 2**20
+    return {
+        "title": title,
+        "figures": figures,
+        "peaks": dict(getattr(memory, "peaks", {}) or {}),
+        "mib": {
+            "block": mib,
+            "pool": figures["blocks_total"] * mib,
+            "used": figures["blocks_used"] * mib,
+            "cached": figures["blocks_cached"] * mib,
+            "unshared": figures["blocks_unshared"] * mib,
+        },
+        "states": _states(memory),
+        "seqs": seqs,
+        "timeline": _timeline(memory, since),
+    }
+
+
+def render_memory_html(snapshot, *, title: str = "KV cache", labels: dict | None = None, block_bytes: int = 0) -> str:
+    """The panel: its data in an escaped attribute, drawn by assets/memory_panel.js (and a summary as text)."""
     if snapshot is None:
-        return '<div class="lc-mem"><p>No memory snapshot yet.</p></div>'
-    f = memory_figures(snapshot)
-    peaks = getattr(snapshot, "peaks", {}) or {}
-    out: list[str] = ['<div class="lc-mem">', f'<div class="lc-mem-title">{_e(title)}</div>']
-
-    rows = [
-        ("blocks_used", f"{f['blocks_used']} / {f['blocks_total']}"),
-        ("blocks_cached", f["blocks_cached"]),
-        ("blocks_free", f["blocks_free"]),
-        ("kv_utilization", _pct(f["kv_utilization"])),
-        ("sharing_savings", _pct(f["sharing_savings"])),
-        ("cow_copies", f["cow_copies"]),
-        ("preemptions", f["preemptions"]),
-        ("prefix hit rate", f"{_pct(f['prefix_hit_rate'])} ({f['prefix_hit_tokens']}/{f['prompt_tokens']} tokens)"),
-        ("sequences", f["num_sequences"]),
-    ]
-    if "blocks_used_peak" in peaks:
-        rows.append(("blocks_used_peak", peaks["blocks_used_peak"]))
-    if "sharing_savings_peak" in peaks:
-        rows.append(("sharing_savings_peak", _pct(peaks["sharing_savings_peak"])))
-    out.append('<dl class="lc-figures">')
-    for name, value in rows:
-        key = name.replace(" ", "_")
-        out.append(f'<div class="lc-fig" data-figure="{_e(key)}"><dt>{_e(name)}</dt><dd>{_e(value)}</dd></div>')
-    out.append("</dl>")
-
-    out.append(
-        '<div class="lc-legend">'
-        '<span><i class="lc-blk lc-free"></i>free</span>'
-        '<span><i class="lc-blk lc-cached"></i>cached (prefix cache)</span>'
-        '<span><i class="lc-blk lc-used"></i>used</span>'
-        '<span><i class="lc-blk lc-used lc-shared"></i>shared (ref &gt; 1)</span>'
-        f"<span>block size {_e(f['block_size'])} tokens</span>"
-        "</div>"
-    )
-
-    blocks = list(snapshot.blocks)
-    shown = blocks[:MAX_GRID_BLOCKS]
-    out.append(f'<div class="lc-grid" data-blocks="{len(blocks)}">')
-    for b in shown:
-        label = _e(b.ref_count) if b.ref_count > 1 else ""
-        out.append(
-            f'<i class="{_block_class(b)}" data-block="{_e(b.block_id)}" data-ref="{_e(b.ref_count)}" '
-            f'title="{_e(_block_title(b))}">{label}</i>'
-        )
-    out.append("</div>")
-    if len(blocks) > len(shown):
-        out.append(f'<p class="lc-note">showing the first {len(shown)} of {len(blocks)} blocks</p>')
-
-    by_id = {b.block_id: b for b in blocks}
-    tables = sorted(snapshot.tables.items())
-    out.append('<div class="lc-tables">')
-    if not tables:
-        out.append('<p class="lc-note">No live sequences: every block is free or cached.</p>')
-    for seq_id, table in tables[:MAX_TABLES]:
-        tokens = snapshot.seq_tokens.get(seq_id, 0)
-        out.append(f'<div class="lc-table" data-seq="{_e(seq_id)}">')
-        out.append(f'<span class="lc-seq">seq {_e(seq_id)} · {_e(tokens)} tokens · {len(table)} blocks</span>')
-        for logical, block_id in enumerate(table[:MAX_TABLE_BLOCKS]):
-            b = by_id.get(block_id)
-            cls = _block_class(b) if b is not None else "lc-blk lc-unknown"
-            ref = b.ref_count if b is not None else 0
-            out.append(f'<b class="{cls} lc-entry" title="{_e(f"logical {logical} -> physical {block_id}, ref count {ref}")}">{_e(block_id)}</b>')
-        if len(table) > MAX_TABLE_BLOCKS:
-            out.append(f'<span class="lc-note">+{len(table) - MAX_TABLE_BLOCKS} more</span>')
-        out.append("</div>")
-    if len(tables) > MAX_TABLES:
-        out.append(f'<p class="lc-note">+{len(tables) - MAX_TABLES} more sequences</p>')
-    out.append("</div></div>")
-    return "".join(out)
+        return '<div class="lc-mem lc-mem-empty"><p>No memory snapshot yet.</p></div>'
+    data = panel_data(snapshot, title=title, labels=labels, block_bytes=block_bytes)
+    f = data["figures"]
+    summary = (f"{f['blocks_used']} of {f['blocks_total']} blocks used, {f['blocks_cached']} cached, "
+               f"{f['num_sequences']} sequences")
+    payload = html.escape(json.dumps(data, separators=(",", ":")), quote=True)
+    return (f'<div class="lc-mem" data-panel="{payload}"><div class="lc-mem-title">{html.escape(title)}</div>'
+            f'<p class="lc-mem-summary">{html.escape(summary)}</p></div>')

@@ -1,11 +1,19 @@
-"""Pure helpers for the UI: turning store messages and settings into widget values, safely."""
+"""Pure helpers for the UI: settings widgets to SamplingParams, titles and sidebar labels, safe text.
+
+The conversation itself is rendered by localchat/ui/thread.py (messages), compare.py (replies side by
+side), overview.py (the branch tree) and memory_panel.py (the KV pool).
+"""
 
 from __future__ import annotations
 
 import math
 import re
 
+from localchat import settings
 from localchat.engine.sampling_params import SamplingParams
+
+# The settings widgets, in the order every event passes them (localchat/ui/layout.py).
+SETTING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "stop", "n", "beam_width")
 
 # Fenced code blocks (``` or ~~~) and inline code spans: markdown shows their content as text.
 _CODE = re.compile(r"(^|\n)(```|~~~)[^\n]*\n.*?(\n\2[^\n]*(?=\n|$)|$)|(`+)(?!`).+?(?<!`)\4(?!`)", re.S)
@@ -20,8 +28,9 @@ def safe_markdown(text: str) -> str:
     """Markdown source for model or user text in which raw HTML shows as text, never as elements.
 
     Outside code, ``<``, ``>`` and ``&`` are escaped (markdown shows the entities as the
-    characters). Code spans and fenced blocks are left alone: markdown renders them as text. The
-    chatbot's sanitizer is a second layer on top of this.
+    characters). Code spans and fenced blocks are left alone: markdown renders them as text.
+    (The page renders with localchat/ui/markdown.py, which escapes HTML itself; this is for
+    markdown consumers that might not.)
     """
     if not text:
         return ""
@@ -33,11 +42,6 @@ def safe_markdown(text: str) -> str:
         pos = m.end()
     out.append(escape_html_text(text[pos:]))
     return "".join(out)
-
-
-def chat_messages(path) -> list[dict]:
-    """The chatbot's value for a branch (a list of store Messages): role/content dicts."""
-    return [{"role": m.role, "content": safe_markdown(m.content)} for m in path if m.role in ("user", "assistant")]
 
 
 def conversation_choices(conversations) -> list[tuple[str, str]]:
@@ -56,14 +60,12 @@ def title_from_message(text: str) -> str:
     return line if len(line) <= 48 else line[:45] + "..."
 
 
-def branch_label(role: str, position: int, index: int, count: int) -> str:
-    """Text for the branch navigator, e.g. 'Reply #4: branch 2/3' (index is 0-based)."""
-    what = "Reply" if role == "assistant" else "Message"
-    return f"{what} #{position + 1}: branch {index + 1}/{count}"
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _number(value, name: str):
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _blank(value):
         raise ValueError(f"invalid sampling parameter: {name} is empty")
     try:
         x = float(value)
@@ -81,28 +83,45 @@ def _integer(value, name: str) -> int:
     return int(x)
 
 
-def params_from_ui(temperature, top_p, max_tokens, seed, n) -> SamplingParams:
+def stop_strings(value) -> tuple[str, ...]:
+    """Stop strings from the settings box: one per line; `\\n` in a line stands for a newline."""
+    if _blank(value):
+        return ()
+    if not isinstance(value, str):
+        raise ValueError("invalid sampling parameter: stop strings must be text, one per line")
+    lines = [line.replace("\\n", "\n") for line in value.split("\n") if line.strip()]
+    if len(lines) > 8:
+        raise ValueError("invalid sampling parameter: at most 8 stop strings")
+    return tuple(lines)
+
+
+def params_from_ui(temperature, top_p, max_tokens, seed, n, *, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                   stop="", beam_width=0) -> SamplingParams:
     """SamplingParams from the settings widgets; raises ValueError with a readable message."""
-    seed_value = None if seed is None or (isinstance(seed, str) and not seed.strip()) else _integer(seed, "seed")
+    beams = 0 if _blank(beam_width) else _integer(beam_width, "beam_width")
+    samples = _integer(n, "n")
+    if beams > 1 and samples > 1:
+        raise ValueError("invalid sampling parameter: use either n (samples) or beam width (beam search), not both")
+    if samples > settings.UI_MAX_SAMPLES or beams > settings.UI_MAX_SAMPLES:
+        raise ValueError(f"invalid sampling parameter: the page compares at most {settings.UI_MAX_SAMPLES} "
+                         "samples or beams side by side")
     return SamplingParams(
         temperature=_number(temperature, "temperature"),
         top_p=_number(top_p, "top_p"),
+        top_k=0 if _blank(top_k) else _integer(top_k, "top_k"),
+        min_p=0.0 if _blank(min_p) else _number(min_p, "min_p"),
+        repetition_penalty=1.0 if _blank(repetition_penalty) else _number(repetition_penalty, "repetition_penalty"),
         max_tokens=_integer(max_tokens, "max_tokens"),
-        seed=seed_value,
-        n=_integer(n, "n"),
+        seed=None if _blank(seed) else _integer(seed, "seed"),
+        stop=stop_strings(stop),
+        n=samples,
+        beam_width=beams if beams > 1 else 0,
     )
 
 
-def stats_line(event) -> str:
-    """One line under the chat about the last reply (markdown-safe: numbers only)."""
-    if event is None:
-        return ""
-    hit = f"{event.prefix_hit_tokens}/{event.prompt_tokens}" if event.prompt_tokens else "0/0"
-    parts = [f"prompt {event.prompt_tokens} tokens, {hit} from the prefix cache", f"{event.generated_tokens} generated"]
-    if event.ttft_s is not None:
-        parts.append(f"first token {event.ttft_s:.2f} s")
-    if event.tokens_per_s:
-        parts.append(f"{event.tokens_per_s:.1f} tok/s")
-    if event.finish_reason:
-        parts.append(f"finished: {escape_html_text(event.finish_reason)}")
-    return " · ".join(parts)
+def params_from_settings(values) -> SamplingParams:
+    """SamplingParams from the settings widgets' values in SETTING_NAMES order."""
+    v = dict(zip(SETTING_NAMES, values))
+    return params_from_ui(v["temperature"], v["top_p"], v["max_tokens"], v["seed"], v["n"], top_k=v["top_k"],
+                          min_p=v["min_p"], repetition_penalty=v["repetition_penalty"], stop=v["stop"],
+                          beam_width=v["beam_width"])

@@ -1,0 +1,248 @@
+// localchat's memory panel, loaded into the page's head by localchat/ui/app.py; assets/ui.js starts it
+// with window.lcMemoryPanel(parts), where parts.mem is the panel's gr.HTML (its element and server calls).
+//
+// It draws localchat/ui/memory_panel.py's data: the figures (in blocks and MiB), the pool on a canvas
+// (one cell per block, or several blocks a cell for pools of tens of thousands), who owns each used block
+// (a colour per live sequence, orange when shared; clicking a sequence dims the others), the text of a
+// block under the pointer (asked from the server), and a timeline of blocks used, cached and shared with
+// forks, copy-on-write copies and preemptions marked. It polls the server once a second, and only while
+// the panel can be seen. Text is only ever set with textContent.
+window.lcMemoryPanel = (parts) => {
+  const $ = (sel, root = document) => root.querySelector(sel);
+  const el = (tag, cls, text) => {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const mem = {data: null, samples: [], events: [], now: null, highlight: null, timer: null, texts: new Map(), busy: false};
+  const PALETTE = ['#2f9e44', '#7048e8', '#c2255c', '#1098ad', '#5c940d', '#4263eb', '#ae3ec9', '#0ca678', '#a61e4d', '#364fc7'];
+  const STATE_COLOR = {f: '#d7dce3', c: '#5aa9e6', s: '#e8590c', u: '#2f9e44'};
+  const pct = (x) => (100 * (+x || 0)).toFixed(1) + '%';
+  const mib = (x) => { x = +x || 0; return x.toFixed(x >= 100 ? 0 : x >= 1 ? 1 : 2) + ' MiB'; };
+
+  function memRoot() { return parts.mem && parts.mem.element && $('.lc-mem', parts.mem.element); }
+  function memFromServerValue() {
+    const root = memRoot();
+    if (!root || !root.dataset.panel) return;
+    try { mem.data = JSON.parse(root.dataset.panel); } catch (_) { return; }
+    mem.samples = mem.data.timeline.samples || [];
+    mem.events = mem.data.timeline.events || [];
+    mem.now = mem.data.timeline.now;
+    mem.texts.clear();
+    drawMemory();
+  }
+  function ownersOf(data) {
+    const owners = new Map();
+    data.seqs.forEach((s, i) => { s.color = PALETTE[i % PALETTE.length]; for (const b of s.blocks) { if (!owners.has(b)) owners.set(b, []); owners.get(b).push(s); } });
+    return owners;
+  }
+  function figure(list, name, value, title) {
+    const box = el('div', 'lc-fig');
+    box.dataset.figure = name;
+    if (title) box.title = title;
+    box.append(el('dt', '', name), el('dd', '', String(value)));
+    list.append(box);
+  }
+  function drawMemory() {
+    const root = memRoot(), d = mem.data;
+    if (!root || !d || !d.figures) return;
+    const f = d.figures, p = d.peaks || {};
+    const owners = ownersOf(d);
+    let view = $('.lc-mem-view', root);
+    if (!view) { view = el('div', 'lc-mem-view'); root.append(view); }
+    const summary = $('.lc-mem-summary', root);
+    if (summary) summary.hidden = true;
+    const figs = el('dl', 'lc-figures');
+    figure(figs, 'blocks_used', `${f.blocks_used} / ${f.blocks_total}`);
+    figure(figs, 'blocks_cached', f.blocks_cached);
+    figure(figs, 'blocks_free', f.blocks_free);
+    figure(figs, 'kv_utilization', pct(f.kv_utilization));
+    figure(figs, 'sharing_savings', pct(f.sharing_savings), '1 - blocks used / blocks the live sequences would need unshared');
+    figure(figs, 'cow_copies', f.cow_copies);
+    figure(figs, 'preemptions', f.preemptions);
+    figure(figs, 'prefix_hit_rate', `${pct(f.prefix_hit_rate)} (${f.prefix_hit_tokens}/${f.prompt_tokens})`);
+    figure(figs, 'sequences', f.num_sequences);
+    if (p.blocks_used_peak !== undefined) figure(figs, 'blocks_used_peak', p.blocks_used_peak);
+    if (p.sharing_savings_peak !== undefined) figure(figs, 'sharing_savings_peak', pct(p.sharing_savings_peak));
+    const m = d.mib || {};
+    const sizes = el('p', 'lc-mib', `pool ${mib(m.pool)} (${f.blocks_total} blocks of ${f.block_size} tokens, ${((m.block || 0) * 1024).toFixed(1)} KiB each) · used ${mib(m.used)} · cached ${mib(m.cached)} · the same sequences unshared: ${mib(m.unshared)}` + (m.unshared > m.used ? ` (sharing saves ${mib(m.unshared - m.used)})` : ''));
+    sizes.dataset.figure = 'mib';
+    const legend = el('div', 'lc-legend');
+    for (const [k, label] of [['f', 'free'], ['c', 'cached (prefix cache)'], ['s', 'shared (ref > 1)']]) {
+      const item = el('span'); const sw = el('i', 'lc-swatch'); sw.style.background = STATE_COLOR[k]; item.append(sw, label); legend.append(item);
+    }
+    const grid = el('div', 'lc-grid-box');
+    const canvas = el('canvas', 'lc-grid-canvas');
+    const tip = el('div', 'lc-tip'); tip.hidden = true;
+    grid.append(canvas, tip);
+    const seqs = el('div', 'lc-seqs');
+    if (!d.seqs.length) seqs.append(el('p', 'lc-note', 'No live sequences: every block is free or cached.'));
+    for (const s of d.seqs) {
+      const b = el('button', 'lc-seq' + (mem.highlight === s.seq ? ' lc-active' : ''));
+      b.dataset.seq = s.seq;
+      const sw = el('i', 'lc-swatch'); sw.style.background = s.color;
+      const shared = s.blocks.filter((x) => owners.get(x).length > 1).length;
+      b.append(sw, el('span', 'lc-seq-label', s.label), el('span', 'lc-seq-meta', `${s.tokens} tokens · ${s.blocks.length} blocks (${shared} shared)`));
+      b.addEventListener('click', () => { mem.highlight = mem.highlight === s.seq ? null : s.seq; drawMemory(); });
+      seqs.append(b);
+    }
+    const timeline = el('div', 'lc-timeline');
+    const tl = el('canvas', 'lc-tl-canvas');
+    timeline.append(el('div', 'lc-tl-title', 'recent minutes: blocks used, cached and shared; marks: forks, copy-on-write copies, preemptions'), tl, el('div', 'lc-tl-legend'));
+    view.replaceChildren(el('div', 'lc-mem-title', d.title), figs, sizes, legend, grid, seqs, timeline);
+    const title = $(':scope > .lc-mem-title', root);
+    if (title) title.hidden = true;
+    drawGrid(canvas, tip, d, owners);
+    drawTimeline(tl, $('.lc-tl-legend', timeline));
+  }
+  // One cell per block while blocks fit in GRID_HEIGHT pixels at 1 px or more; beyond that each cell
+  // stands for `per` consecutive blocks and shows the busiest state among them (an aggregated grid),
+  // so even a pool of hundreds of thousands of blocks is a few thousand rectangles.
+  const GRID_HEIGHT = 300;
+  function cellColor(d, owners, b) {
+    const st = d.states[b], own = owners.get(b);
+    if (st !== 'u') return STATE_COLOR[st] || '#888';
+    return own && own.length > 1 ? STATE_COLOR.s : own ? own[0].color : STATE_COLOR.u;
+  }
+  const RANK = {f: 0, c: 1, u: 2};
+  function drawGrid(canvas, tip, d, owners) {
+    const n = d.states.length;
+    const width = Math.max(200, (canvas.parentElement.clientWidth || 480) - 4);
+    const cell = Math.max(1, Math.min(13, Math.floor(Math.sqrt((width * GRID_HEIGHT) / Math.max(n, 1)))));
+    const gap = cell >= 5 ? 1 : 0;
+    const cols = Math.max(1, Math.floor(width / cell));
+    const per = Math.max(1, Math.ceil(n / (cols * Math.floor(GRID_HEIGHT / cell))));
+    const cells = Math.ceil(n / per), rows = Math.ceil(cells / cols);
+    const dpr = window.devicePixelRatio || 1;
+    canvas.width = cols * cell * dpr; canvas.height = Math.max(1, rows * cell * dpr);
+    canvas.style.width = cols * cell + 'px'; canvas.style.height = rows * cell + 'px';
+    Object.assign(canvas.dataset, {blocks: n, cols, cell, per});
+    const g = canvas.getContext('2d');
+    g.scale(dpr, dpr);
+    const lit = mem.highlight === null ? null : new Set((d.seqs.find((s) => s.seq === mem.highlight) || {blocks: []}).blocks);
+    const batches = new Map();  // colour -> cells: one fillStyle per colour, however many cells
+    for (let c = 0; c < cells; c++) {
+      let b = c * per;
+      if (per > 1) {  // the busiest block of the cell speaks for it
+        for (let k = b + 1; k < Math.min(n, (c + 1) * per); k++) if (RANK[d.states[k]] > RANK[d.states[b]]) b = k;
+      }
+      const color = cellColor(d, owners, b);
+      const key = lit && !lit.has(b) ? color + '|dim' : color;
+      if (!batches.has(key)) batches.set(key, []);
+      batches.get(key).push(c);
+    }
+    for (const [key, list] of batches) {
+      const [color, dim] = key.split('|');
+      g.globalAlpha = dim ? 0.22 : 1;
+      g.fillStyle = color;
+      for (const c of list) g.fillRect((c % cols) * cell, Math.floor(c / cols) * cell, cell - gap, cell - gap);
+    }
+    canvas.onmousemove = (e) => hover(e, canvas, tip, d, owners, cols, cell, per);
+    canvas.onmouseleave = () => { tip.hidden = true; };
+  }
+  function hover(e, canvas, tip, d, owners, cols, cell, per) {
+    const r = canvas.getBoundingClientRect();
+    const col = Math.floor((e.clientX - r.left) / cell), row = Math.floor((e.clientY - r.top) / cell);
+    const first = (row * cols + col) * per;
+    if (col >= cols || first < 0 || first >= d.states.length) { tip.hidden = true; return; }
+    tip.style.left = (e.clientX - r.left + 12) + 'px';
+    tip.style.top = (e.clientY - r.top + 12) + 'px';
+    tip.hidden = false;
+    if (per > 1) {
+      const last = Math.min(d.states.length, first + per) - 1, count = {f: 0, c: 0, u: 0};
+      for (let b = first; b <= last; b++) count[d.states[b]] += 1;
+      tip.textContent = `blocks ${first}-${last}: ${count.u} used, ${count.c} cached, ${count.f} free`;
+      tip.dataset.block = '';
+      return;
+    }
+    const b = first;
+    const st = {f: 'free', c: 'cached', u: 'used'}[d.states[b]] || '?';
+    const own = owners.get(b) || [];
+    const lines = [`block ${b}: ${st}` + (own.length ? `, ref count ${own.length}` : '')];
+    if (own.length) lines.push('held by: ' + own.map((s) => s.label).join('; '));
+    tip.textContent = lines.join('\n');
+    tip.dataset.block = b;
+    if (st === 'free') return;
+    const show = (text) => { if (tip.dataset.block === String(b)) tip.textContent = lines.join('\n') + '\ntext: ' + JSON.stringify(text); };
+    if (mem.texts.has(b)) return show(mem.texts.get(b));
+    const server = parts.mem && parts.mem.server;
+    if (!server || !server.block_text) return;
+    clearTimeout(mem.hoverTimer);
+    mem.hoverTimer = setTimeout(() => {
+      Promise.resolve(server.block_text({block: b})).then((res) => {
+        if (res && typeof res.text === 'string') { mem.texts.set(b, res.text); show(res.text); }
+      }).catch(() => {});
+    }, 120);
+  }
+  function drawTimeline(canvas, legend) {
+    const width = Math.max(200, (canvas.parentElement.clientWidth || 480) - 4), height = 110;
+    const dpr = window.devicePixelRatio || 1;
+    canvas.width = width * dpr; canvas.height = height * dpr;
+    canvas.style.width = width + 'px'; canvas.style.height = height + 'px';
+    const g = canvas.getContext('2d');
+    g.scale(dpr, dpr);
+    const samples = mem.samples, events = mem.events;
+    // The last five minutes at most; a younger history fills the width (30 s at least).
+    const now = mem.now, span = samples.length ? Math.min(300, Math.max(30, now - samples[0][0])) : 300;
+    const top = 14, bottom = height - 14;
+    canvas.dataset.samples = samples.length; canvas.dataset.events = events.length;
+    if (now === null || now === undefined) return;
+    const x = (t) => width - ((now - t) / span) * width;
+    let peak = 8;
+    for (const s of samples) peak = Math.max(peak, s[1], s[2], s[3]);
+    const y = (v) => bottom - (v / peak) * (bottom - top);
+    g.strokeStyle = '#ccd'; g.lineWidth = 1;
+    g.beginPath(); g.moveTo(0, bottom + 0.5); g.lineTo(width, bottom + 0.5); g.stroke();
+    const series = [[1, STATE_COLOR.u], [2, STATE_COLOR.c], [3, STATE_COLOR.s]];
+    for (const [k, color] of series) {
+      g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
+      samples.forEach((s, i) => {
+        const px = Math.max(0, x(s[0])), py = y(s[k]);
+        if (i === 0) g.moveTo(px, py); else { g.lineTo(px, y(samples[i - 1][k])); g.lineTo(px, py); }
+      });
+      if (samples.length) g.lineTo(width, y(samples[samples.length - 1][k]));
+      g.stroke();
+    }
+    const marks = {fork: '#7048e8', cow: '#e03131', preempt: '#212529'};
+    const counts = {fork: 0, cow: 0, preempt: 0};
+    for (const [t, kind] of events) {
+      if (!(kind in marks)) continue;
+      counts[kind] += 1;
+      g.fillStyle = marks[kind];
+      const row = {fork: 0, cow: 1, preempt: 2}[kind];
+      g.fillRect(Math.round(x(t)), row * 4, 2, 4);
+    }
+    g.fillStyle = '#667'; g.font = '10px sans-serif';
+    g.fillText(String(peak), 2, top + 8); g.fillText(span >= 120 ? `-${Math.round(span / 60)} min` : `-${Math.round(span)} s`, 2, height - 2);
+    g.fillText('now', width - 22, height - 2);
+    legend.replaceChildren();
+    const item = (color, text) => { const s = el('span'); const sw = el('i', 'lc-swatch'); sw.style.background = color; s.append(sw, text); legend.append(s); };
+    item(STATE_COLOR.u, 'used'); item(STATE_COLOR.c, 'cached'); item(STATE_COLOR.s, 'shared');
+    item(marks.fork, `forks ${counts.fork}`); item(marks.cow, `copy-on-write ${counts.cow}`); item(marks.preempt, `preemptions ${counts.preempt}`);
+    legend.dataset.forks = counts.fork; legend.dataset.cows = counts.cow; legend.dataset.preemptions = counts.preempt;
+  }
+  // Poll only while the panel can be seen: a closed panel costs the engine nothing.
+  function memVisible() {
+    const root = parts.mem && parts.mem.element;
+    return root && root.getClientRects().length > 0 && document.visibilityState === 'visible';
+  }
+  function poll() {
+    const server = parts.mem && parts.mem.server;
+    if (mem.busy || !server || !server.memory || !memVisible()) return;
+    mem.busy = true;
+    Promise.resolve(server.memory({since: mem.now})).then((d) => {
+      if (!d || !d.figures) return;
+      mem.data = d;
+      const fresh = d.timeline || {};
+      mem.samples = mem.samples.concat(fresh.samples || []).filter((s) => s[0] >= fresh.now - 300);
+      mem.events = mem.events.concat(fresh.events || []).filter((e) => e[0] >= fresh.now - 300);
+      mem.now = fresh.now;
+      mem.texts.clear();
+      drawMemory();
+    }).catch(() => {}).finally(() => { mem.busy = false; });
+  }
+  mem.timer = setInterval(poll, 1000);
+  return {changed: memFromServerValue, data: () => mem.data};
+
+};

@@ -1,0 +1,570 @@
+"""The page in Chromium (Debian's, driven by Playwright), on a tiny random-weight engine: every branch at
+hand, compare and pick, statistics, export and import, search, keyboard, presets, several tabs, and the
+memory panel's story. Each test saves a screenshot under tests/artifacts/."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import skip_or_fail
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.*")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+XSS = "<img src=x onerror=alert(1)>"
+TIMEOUT_MS = 60_000
+
+
+@dataclass
+class App:
+    url: str
+    store: object
+    service: object
+    presets_path: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from helpers.tiny import default_tokenizer, tiny_engine
+    from localchat.chat.service import ChatService
+    from localchat.chat.store import Store
+    from localchat.engine import EngineDriver
+    from localchat.ui.app import build_ui, launch
+    from localchat.ui.presets import Presets
+
+    tmp = tmp_path_factory.mktemp("ui")
+    driver = EngineDriver(tiny_engine(default_tokenizer(), num_blocks=256, block_size=16))
+    store = Store(tmp / "chats.db")
+    service = ChatService(driver, store)
+    demo = build_ui(service, presets=Presets(tmp / "presets.json"))
+    port = _free_port()
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield App(f"http://127.0.0.1:{port}/", store, service, tmp / "presets.json")
+    finally:
+        demo.close()
+        driver.shutdown()
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        skip_or_fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    p = sync_playwright().start()
+    b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+        yield b
+    finally:
+        b.close()
+        p.stop()
+
+
+@pytest.fixture
+def page(browser, app, request):
+    context = browser.new_context(viewport={"width": 1400, "height": 950}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(str(e)))
+    pg.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    try:
+        yield pg
+    finally:
+        context.close()
+    assert problems == []
+
+
+# ------------------------------------------------------------------ helpers
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def open_conversation(page, app: App, conv_id: int | None = None) -> None:
+    page.goto(app.url + (f"?c={conv_id}" if conv_id else ""))
+    page.locator("#lc-input textarea").wait_for()
+    if conv_id:
+        page.locator(f'#lc-chat .lc-conv[data-conv="{conv_id}"]').wait_for(state="attached")
+
+
+def shown(page) -> list[str]:
+    return page.evaluate("() => [...document.querySelectorAll('#lc-chat .lc-msg:not([hidden]) .lc-body')].map(e => e.textContent.trim())")
+
+
+def setting(page, elem_id: str, value) -> None:
+    field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    if not field.is_visible():
+        page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def replies(page) -> int:
+    return page.locator("#lc-chat .lc-msg.lc-assistant").count()
+
+
+def wait_replies(page, count: int) -> None:
+    page.wait_for_function(
+        "n => document.querySelectorAll('#lc-chat .lc-msg.lc-assistant').length >= n && !document.querySelector('#lc-live .lc-live')",
+        arg=count)
+
+
+def send(page, text: str, *, expect_replies: int = 1) -> None:
+    before = replies(page)
+    box = page.locator("#lc-input textarea")
+    box.fill(text)
+    box.press("Enter")
+    wait_replies(page, before + expect_replies)
+
+
+def upload(page, path: Path) -> None:
+    with page.expect_file_chooser() as chooser:
+        page.locator("#lc-import").click()
+    chooser.value.set_files(str(path))
+
+
+def eventually(check, timeout_s: float = 15.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def three_level_tree(store, title: str):
+    """u1 -> a1 | a2 ; a2 -> u2 | u2e ; u2e -> a3 | a4 | a5 (current: a5)."""
+    c = store.create_conversation(title)
+    u1 = store.append_message(c.id, None, "user", f"first question {XSS}", token_ids=list(range(100, 140)))
+    a1 = store.append_message(c.id, u1.id, "assistant", "reply one", token_ids=[1, 2, 3], model="tiny", generated_tokens=3)
+    a2 = store.append_message(c.id, u1.id, "assistant", "reply two", token_ids=[4, 5], model="tiny", generated_tokens=2)
+    u2 = store.append_message(c.id, a2.id, "user", "second question", token_ids=[6, 7])
+    u2e = store.append_message(c.id, a2.id, "user", "second question, edited", token_ids=[6, 8])
+    a3 = store.append_message(c.id, u2e.id, "assistant", "three", token_ids=[9])
+    a4 = store.append_message(c.id, u2e.id, "assistant", "four", token_ids=[10])
+    a5 = store.append_message(c.id, u2e.id, "assistant", "five", token_ids=[11])
+    return c, dict(u1=u1, a1=a1, a2=a2, u2=u2, u2e=u2e, a3=a3, a4=a4, a5=a5)
+
+
+def nav(page, text: str, button: str):
+    """Click ‹ or › on the shown message whose text is `text`."""
+    msg = page.locator("#lc-chat .lc-msg:not([hidden])").filter(has=page.locator(".lc-body", has_text=text)).first
+    msg.locator(".lc-prev" if button == "‹" else ".lc-next").click()
+
+
+def position(page, text: str) -> str:
+    msg = page.locator("#lc-chat .lc-msg:not([hidden])").filter(has=page.locator(".lc-body", has_text=text)).first
+    return msg.locator(".lc-pos").inner_text()
+
+
+# ------------------------------------------------------------------ branches
+def test_per_message_navigation_three_levels_deep(page, app):
+    store = app.store
+    c, m = three_level_tree(store, f"Three levels {XSS}")
+    open_conversation(page, app, c.id)
+    first = f"first question {XSS}"
+    assert shown(page) == [first, "reply two", "second question, edited", "five"]
+    assert position(page, "five") == "3/3" and position(page, "second question, edited") == "2/2" and position(page, "reply two") == "2/2"
+    assert page.locator("#lc-chat .lc-msg:not([hidden])").first.locator(".lc-nav").count() == 0  # no siblings, no control
+
+    nav(page, "five", "‹")  # level 3
+    assert shown(page)[-1] == "four" and position(page, "four") == "2/3"
+    nav(page, "four", "‹")
+    assert shown(page)[-1] == "three" and page.locator("#lc-chat .lc-msg:not([hidden]) .lc-prev").last.is_disabled()
+    assert eventually(lambda: store.get_conversation(c.id).current_leaf_id == m["a3"].id)
+    shot(page, "nav_level3")
+
+    nav(page, "second question, edited", "‹")  # level 2: the other edit has no reply yet
+    assert shown(page) == [first, "reply two", "second question"]
+    nav(page, "reply two", "‹")  # level 1
+    assert shown(page) == [first, "reply one"] and position(page, "reply one") == "1/2"
+    assert eventually(lambda: store.get_conversation(c.id).current_leaf_id == m["a1"].id)
+    nav(page, "reply one", "›")  # back: the branch resumes at its newest message
+    assert shown(page) == [first, "reply two", "second question, edited", "five"]
+    nav(page, "second question, edited", "‹")
+    assert eventually(lambda: store.get_conversation(c.id).current_leaf_id == m["u2"].id)
+    shot(page, "nav_three_levels")
+
+    page.reload()  # the branch shown is the one saved
+    page.locator(f'#lc-chat .lc-conv[data-conv="{c.id}"]').wait_for(state="attached")
+    assert shown(page) == [first, "reply two", "second question"]
+    assert page.locator("img[src='x']").count() == 0
+
+
+def test_the_overview_jumps_to_a_branch(page, app):
+    c, m = three_level_tree(app.store, "Overview")
+    open_conversation(page, app, c.id)
+    overview = page.locator("#lc-overview")
+    assert overview.locator(".lc-ov-node").count() == 8
+    assert overview.locator(".lc-ov-node.lc-on-path").count() == 4
+    overview.locator(f'.lc-ov-node[data-node="{m["a1"].id}"]').click()
+    assert shown(page) == [f"first question {XSS}", "reply one"]
+    assert overview.locator(".lc-on-path").count() == 2
+    overview.locator(f'.lc-ov-node[data-node="{m["a4"].id}"]').click()
+    assert shown(page)[-2:] == ["second question, edited", "four"]
+    assert eventually(lambda: app.store.get_conversation(c.id).current_leaf_id == m["a4"].id)
+    # token ids the engine never computed are marked as not cached
+    assert overview.locator(".lc-ov-node .lc-cache-none").count() == 8
+    shot(page, "overview_jump")
+
+
+def test_edit_and_regenerate_in_place_make_branches(page, app):
+    open_conversation(page, app)
+    page.locator("#lc-new").click()
+    setting(page, "lc-max-tokens", 12)
+    send(page, "Original question")
+    page.locator("#lc-chat .lc-user:not([hidden]) [data-act=edit]").click()
+    editor = page.locator("#lc-chat .lc-editor textarea")
+    assert editor.input_value() == "Original question"
+    editor.fill("Edited question")
+    editor.press("Enter")
+    wait_replies(page, 2)
+    assert shown(page)[0] == "Edited question" and position(page, "Edited question") == "2/2"
+    page.locator("#lc-chat .lc-assistant:not([hidden]) [data-act=regen]").click()
+    wait_replies(page, 3)
+    assert page.locator("#lc-chat .lc-assistant:not([hidden]) .lc-pos").inner_text() == "2/2"
+    conv = app.store.list_conversations()[0]
+    path = app.store.current_path(conv.id)
+    assert [x.content for x in path][0] == "Edited question" and app.store.siblings(path[-1].id).count == 2
+    shot(page, "edit_regenerate")
+
+
+# ------------------------------------------------------------------ compare
+def test_compare_six_samples_and_continue_with_the_fourth(page, app):
+    open_conversation(page, app)
+    page.locator("#lc-new").click()
+    setting(page, "lc-temperature", 1.0)
+    setting(page, "lc-max-tokens", 24)
+    setting(page, "lc-n", 6)
+    send(page, "Six ways to say hello")
+    cards = page.locator("#lc-compare .lc-card")
+    assert cards.count() == 6
+    tops = page.evaluate("() => [...document.querySelectorAll('#lc-compare .lc-card')].map(c => c.getBoundingClientRect().top)")
+    assert len({round(t) for t in tops}) >= 2  # they wrap into rows
+    assert all("tokens" in t and "tok/s" in t and "prefix cache" in t and "tiny" in t for t in cards.locator(".lc-stats").all_inner_texts())
+    assert "lc-current" in cards.nth(0).get_attribute("class")
+    fourth_id = int(cards.nth(3).get_attribute("data-id"))
+    fourth_text = cards.nth(3).locator(".lc-body").inner_text().strip()
+    cards.nth(3).locator(".lc-continue").click()
+    assert shown(page)[-1] == fourth_text and "lc-current" in cards.nth(3).get_attribute("class")
+    assert position(page, fourth_text) == "4/6"
+    conv_id = int(page.locator("#lc-chat .lc-conv").get_attribute("data-conv"))
+    assert eventually(lambda: app.store.get_conversation(conv_id).current_leaf_id == fourth_id)
+    shot(page, "compare_six")
+
+    setting(page, "lc-n", 1)
+    send(page, "Go on from the fourth")  # the conversation continues on the chosen branch
+    path = app.store.current_path(conv_id)
+    assert path[-3].id == fourth_id and path[-2].content == "Go on from the fourth"
+
+    page.reload()  # the comparison can be reopened later
+    page.locator(f'#lc-chat .lc-conv[data-conv="{conv_id}"]').wait_for(state="attached")
+    msg = page.locator(f'#lc-chat .lc-msg[data-id="{fourth_id}"]')
+    msg.locator("[data-act=compare]").click()
+    expect(cards).to_have_count(6)
+    assert "lc-current" in cards.nth(3).get_attribute("class")
+    assert cards.locator(".lc-group").all_inner_texts() == [f"sample {i} of 6" for i in range(1, 7)]
+    shot(page, "compare_reopened")
+
+
+def test_beam_search_shows_each_beams_score(page, app):
+    open_conversation(page, app)
+    page.locator("#lc-new").click()
+    setting(page, "lc-n", 1)
+    setting(page, "lc-beam", 3)
+    setting(page, "lc-max-tokens", 8)
+    send(page, "Beam me up")
+    cards = page.locator("#lc-compare .lc-card")
+    assert cards.count() == 3
+    assert cards.locator(".lc-group").all_inner_texts() == ["beam 1 of 3", "beam 2 of 3", "beam 3 of 3"]
+    scores = [float(t.split("beam score ")[1].split(" ")[0]) for t in cards.locator(".lc-stats").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)
+    setting(page, "lc-beam", 0)
+    shot(page, "beam_search")
+
+
+# ------------------------------------------------------------------ statistics, gauge, label
+def test_statistics_under_replies_survive_a_reload(page, app):
+    open_conversation(page, app)
+    page.locator("#lc-new").click()
+    setting(page, "lc-max-tokens", 16)
+    send(page, "Statistics please")
+    send(page, "And again")
+    stats = page.locator("#lc-chat .lc-assistant:not([hidden]) .lc-stats").all_inner_texts()
+    assert len(stats) == 2
+    for line in stats:
+        for part in ("tokens", "first token", "tok/s", "prompt tokens from the prefix cache", "tiny"):
+            assert part in line, line
+    assert "0 of" not in stats[1]  # the second turn's history came from the prefix cache
+    page.reload()
+    page.locator("#lc-chat .lc-assistant").first.wait_for()
+    assert page.locator("#lc-chat .lc-assistant:not([hidden]) .lc-stats").all_inner_texts() == stats
+    # nothing covers the top of the first message (the old chatbot's "Chat" label did)
+    covered = page.evaluate("""() => {
+      const m = document.querySelector('#lc-chat .lc-msg:not([hidden])');
+      const r = m.getBoundingClientRect();
+      return [[r.left + 6, r.top + 4], [r.right - 6, r.top + 4]].some(([x, y]) => !m.contains(document.elementFromPoint(x, y)));
+    }""")
+    assert not covered
+    gauge = page.locator("#lc-gauge")
+    assert "context:" in gauge.inner_text() and "of 512 tokens" in gauge.inner_text()
+    setting(page, "lc-max-tokens", 500)  # the next reply could not fit: the gauge says so before it happens
+    assert "may stop early" in gauge.inner_text() and "lc-warn" in gauge.locator(".lc-gauge").get_attribute("class")
+    shot(page, "statistics_after_reload")
+
+
+# ------------------------------------------------------------------ conversations
+def test_export_then_import_gives_the_same_tree(page, app, tmp_path):
+    c, m = three_level_tree(app.store, "Round trip")
+    open_conversation(page, app, c.id)
+    before = shown(page)
+    page.locator("#lc-export-json").click()
+    link = page.locator("#lc-export-file a").first
+    link.wait_for()
+    with page.expect_download() as got:
+        link.click()
+    path = tmp_path / "export.json"
+    got.value.save_as(path)
+    exported = path.read_text(encoding="utf-8")
+    assert exported == app.store.export_json(c.id)
+    upload(page, path)
+    page.wait_for_function("old => { const c = document.querySelector('#lc-chat .lc-conv'); return c && c.dataset.conv && c.dataset.conv !== old; }",
+                           arg=str(c.id))
+    new_id = int(page.locator("#lc-chat .lc-conv").get_attribute("data-conv"))
+    assert new_id != c.id and app.store.export_json(new_id) == exported  # the same tree, every branch
+    assert shown(page) == before
+    page.locator("#lc-export-md").click()
+    with page.expect_download() as md:
+        page.locator("#lc-export-file a").first.click()
+    text = Path(md.value.path()).read_text(encoding="utf-8")
+    assert text.startswith("# Round trip") and "five" in text and "reply one" not in text  # the current branch
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    upload(page, bad)
+    page.get_by_text("not a localchat export").first.wait_for()
+    shot(page, "export_import")
+
+
+def test_search_by_title_and_content(page, app):
+    store = app.store
+    a = store.create_conversation("Alpha apples")
+    store.append_message(a.id, None, "user", "talk about zebras")
+    b = store.create_conversation("Beta bananas")
+    u = store.append_message(b.id, None, "user", "hello")
+    store.append_message(b.id, u.id, "assistant", "the quokka is hidden on a branch")
+    store.append_message(b.id, u.id, "assistant", "current reply")
+    open_conversation(page, app, b.id)
+    page.wait_for_function("() => document.querySelectorAll('#lc-conversations label').length >= 2")  # loaded
+    search = page.locator("#lc-search input, #lc-search textarea").first
+    sidebar = page.locator("#lc-conversations")
+    search.fill("quokka")
+    page.wait_for_function("() => document.querySelectorAll('#lc-conversations label').length === 1")
+    assert sidebar.locator("label").all_inner_texts() == ["Beta bananas"]
+    search.fill("apples")
+    page.wait_for_function("() => [...document.querySelectorAll('#lc-conversations label')].map(l => l.textContent.trim()).join() === 'Alpha apples'")
+    sidebar.get_by_text("Alpha apples").click()
+    page.locator(f'#lc-chat .lc-conv[data-conv="{a.id}"]').wait_for(state="attached")
+    assert shown(page) == ["talk about zebras"]
+    shot(page, "search")
+    search.fill("")
+    page.wait_for_function("() => document.querySelectorAll('#lc-conversations label').length >= 2")
+
+
+def test_keyboard_enter_sends_shift_enter_new_line_escape_stops(page, app):
+    open_conversation(page, app)
+    page.locator("#lc-new").click()
+    setting(page, "lc-max-tokens", 8)
+    box = page.locator("#lc-input textarea")
+    box.fill("line one")
+    box.press("Shift+Enter")
+    box.type("line two")
+    assert box.input_value() == "line one\nline two"
+    box.press("Enter")
+    wait_replies(page, 1)
+    conv_id = int(page.locator("#lc-chat .lc-conv").get_attribute("data-conv"))
+    assert app.store.current_path(conv_id)[0].content == "line one\nline two"
+
+    setting(page, "lc-max-tokens", 450)
+    box.fill("Tell me a very long story")
+    box.press("Enter")
+    page.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
+    page.keyboard.press("Escape")
+    page.locator("#lc-status").get_by_text("Stopped").wait_for()
+    reply = app.store.current_path(conv_id)[-1]
+    assert reply.finish_reason == "abort" and reply.content and len(reply.token_ids) < 450
+    assert eventually(lambda: app.service.driver.call(lambda e: e.block_manager.figures().blocks_used) == 0)
+    shot(page, "escape_stops")
+
+
+def test_settings_presets_and_the_system_prompt(page, app):
+    from localchat.ui.presets import Presets
+
+    open_conversation(page, app)
+    page.locator("#lc-new").click()
+    page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
+    page.locator("#lc-preset input").click()
+    page.get_by_role("option", name="Precise (greedy)").click()
+    page.wait_for_function("() => document.querySelector('#lc-temperature input').value === '0'")
+    setting(page, "lc-top-k", 5)
+    setting(page, "lc-min-p", 0.1)
+    setting(page, "lc-repetition-penalty", 1.2)
+    setting(page, "lc-stop-strings", "THE END")
+    setting(page, "lc-seed", 42)
+    setting(page, "lc-system", "You are terse.")
+    setting(page, "lc-preset-name", "My terse preset")
+    page.locator("#lc-preset-save").click()
+    assert eventually(lambda: "My terse preset" in Presets(app.presets_path).names())
+    saved = Presets(app.presets_path).get("My terse preset")  # a restart reads the same file
+    assert (saved["top_k"], saved["min_p"], saved["repetition_penalty"], saved["stop"], saved["system_prompt"]) == (5, 0.1, 1.2, "THE END", "You are terse.")
+    setting(page, "lc-max-tokens", 8)
+    setting(page, "lc-repetition-penalty", 1.0)
+    send(page, "Hello with a system prompt")
+    conv = app.store.list_conversations()[0]
+    assert conv.system_prompt == "You are terse."
+    reply = app.store.current_path(conv.id)[-1]
+    assert reply.sampling["top_k"] == 5 and reply.sampling["stop"] == ["THE END"] and reply.sampling["seed"] == 42
+    page.reload()
+    page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
+    page.locator("#lc-preset input").click()
+    assert page.get_by_role("option", name="My terse preset").count() == 1
+    shot(page, "presets")
+
+
+# ------------------------------------------------------------------ memory panel and tabs
+def test_memory_panel_tells_the_story_of_a_compare_of_three(page, app):
+    open_conversation(page, app)
+    page.locator("#lc-new").click()
+    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    setting(page, "lc-temperature", 1.0)
+    setting(page, "lc-n", 3)
+    setting(page, "lc-max-tokens", 420)
+    history = "Here is a long shared history for three samples. " * 8
+    box = page.locator("#lc-input textarea")
+    box.fill(history)
+    box.press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#lc-memory .lc-seq').length === 3", timeout=TIMEOUT_MS)
+    data = page.evaluate("() => window.lcMemory()")
+    seqs = data["seqs"]
+    assert [s["label"].rsplit(" · ", 1)[1] for s in seqs] == ["sample 1", "sample 2", "sample 3"]
+    assert all("«Here is a long shared" in s["label"] for s in seqs)
+    tables = [set(s["blocks"]) for s in seqs]
+    common = tables[0] & tables[1] & tables[2]
+    assert len(common) >= 4  # the history's full blocks, stored once for the three samples
+    assert all(t - common for t in tables) and not (tables[0] - common) & (tables[1] - common)  # three diverging tails
+    assert data["figures"]["sharing_savings"] > 0.2
+    assert any(e[1] == "fork" for e in data["timeline"]["events"])
+    metas = page.locator("#lc-memory .lc-seq-meta").all_inner_texts()
+    assert all(f"({len(common)} shared)" in t or "shared)" in t for t in metas)
+    # hovering a shared block shows who holds it and its text
+    block = min(common)
+    canvas = page.locator("#lc-memory .lc-grid-canvas")
+    cols, cell = int(canvas.get_attribute("data-cols")), int(canvas.get_attribute("data-cell"))
+    canvas.hover(position={"x": (block % cols) * cell + cell / 2, "y": (block // cols) * cell + cell / 2})
+    tip = page.locator("#lc-memory .lc-tip")
+    tip.get_by_text("ref count 3").wait_for()
+    page.wait_for_function("() => document.querySelector('#lc-memory .lc-tip').textContent.includes('text:')")
+    page.locator("#lc-memory .lc-seq").nth(1).click()  # highlight one sequence's blocks
+    assert page.locator("#lc-memory .lc-seq.lc-active").count() == 1
+    shot(page, "memory_during_compare_of_three")
+
+    wait_replies(page, 3)
+    page.wait_for_function("() => window.lcMemory() && window.lcMemory().seqs.length === 0", timeout=TIMEOUT_MS)
+    after = page.evaluate("() => window.lcMemory()")
+    assert after["figures"]["blocks_used"] == 0 and after["figures"]["blocks_cached"] >= len(common)
+    assert after["states"].count("c") == after["figures"]["blocks_cached"]
+    legend = page.locator("#lc-memory .lc-tl-legend")
+    assert int(legend.get_attribute("data-forks")) >= 2 and int(legend.get_attribute("data-cows")) >= 1
+    assert int(page.locator("#lc-memory .lc-tl-canvas").get_attribute("data-samples")) >= 2
+    page.get_by_text("No live sequences").wait_for()
+    shot(page, "memory_after_compare_of_three")
+
+
+def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 950}) for _ in range(2)]
+    try:
+        pages = [ctx.new_page() for ctx in contexts]
+        for i, pg in enumerate(pages):
+            pg.set_default_timeout(TIMEOUT_MS)
+            open_conversation(pg, app)
+            pg.locator("#lc-new").click()
+            setting(pg, "lc-max-tokens", 300)
+        pages[0].locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+        for i, pg in enumerate(pages):
+            box = pg.locator("#lc-input textarea")
+            box.fill(f"Tab {i} speaking")
+            box.press("Enter")
+        pages[0].wait_for_function(
+            "() => window.lcMemory && window.lcMemory() && new Set(window.lcMemory().seqs.map(s => s.owner)).size === 2")
+        labels = [s["label"] for s in pages[0].evaluate("() => window.lcMemory().seqs")]
+        assert any("Tab 0" in x for x in labels) and any("Tab 1" in x for x in labels)
+        shot(pages[0], "two_tabs_memory")
+        for i, pg in enumerate(pages):
+            wait_replies(pg, 1)
+            assert shown(pg)[0] == f"Tab {i} speaking" and len(shown(pg)) == 2
+        ids = [pg.locator("#lc-chat .lc-conv").get_attribute("data-conv") for pg in pages]
+        assert ids[0] != ids[1]
+    finally:
+        for ctx in contexts:
+            ctx.close()
+
+
+def test_a_pool_of_tens_of_thousands_of_blocks_is_drawn_on_a_canvas(page, app):
+    open_conversation(page, app)
+    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    page.locator("#lc-memory .lc-grid-canvas").wait_for()
+    # The panel's own data, grown to 40,000 blocks: 30,000 cached, eight live sequences of 250 blocks
+    # (the first 100 shared by all), the rest free; drawn the way a poll draws it.
+    ms = page.evaluate("""() => {
+      const n = 40000, base = window.lcMemory();
+      const seqs = [...Array(8).keys()].map((i) => ({seq: i, owner: 'r', label: `sample ${i + 1}`, tokens: 4000, status: 'running',
+        blocks: [...Array(100).keys()].map((b) => 30000 + b).concat([...Array(150).keys()].map((b) => 30100 + i * 150 + b))}));
+      const states = 'c'.repeat(30000) + 'u'.repeat(1300) + 'f'.repeat(n - 31300);
+      const data = {...base, states, seqs, figures: {...base.figures, blocks_total: n, blocks_used: 1300, blocks_cached: 30000}};
+      const root = document.querySelector('#lc-memory .lc-mem');
+      root.dataset.panel = JSON.stringify(data);
+      const t0 = performance.now();
+      window.lcChanged('mem');
+      return performance.now() - t0;
+    }""")
+    canvas = page.locator("#lc-memory .lc-grid-canvas")
+    assert canvas.get_attribute("data-blocks") == "40000" and page.locator("#lc-memory .lc-seq").count() == 8
+    box = canvas.bounding_box()
+    assert box["height"] <= 300  # the whole pool in view: cells of a pixel or more, or several blocks a cell
+    canvas.hover(position={"x": box["width"] - 2, "y": box["height"] - 2})
+    assert "free" in page.locator("#lc-memory .lc-tip").inner_text()
+    shot(page, "memory_40000_blocks")
+    ARTIFACTS.mkdir(exist_ok=True)
+    per = int(canvas.get_attribute("data-per"))
+    (ARTIFACTS / "memory_40000_blocks.json").write_text(json.dumps({"blocks": 40000, "blocks_per_cell": per, "draw_ms": ms}))
+
+
+def test_named_endpoints_for_scripts(app, browser):
+    from gradio_client import Client
+
+    client = Client(app.url, verbose=False)
+    out = client.predict(text="Hi from the API", max_tokens=6, temperature=0, api_name="/send")
+    assert out["texts"][0] and len(app.store.current_path(out["conversation_id"])) == 2
+    again = client.predict(message_id=out["message_ids"][0], max_tokens=6, n=2, api_name="/regenerate")
+    assert len(again["message_ids"]) == 2 and app.store.siblings(again["message_ids"][0]).count == 3
+    beams = client.predict(text="Beams from the API", max_tokens=4, beam_width=2, temperature=0, api_name="/send")
+    assert len(beams["texts"]) == 2

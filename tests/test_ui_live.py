@@ -1,0 +1,70 @@
+"""Following a reply from the page (localchat/ui/live.py): its own event stream, at most ten updates a
+second, the newest state each time, ending when the reply does; the engine side never waits."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from localchat.ui.compare import LiveView
+from localchat.ui.live import LiveSlots
+
+
+class Event:
+    def __init__(self, index: int, text: str, tokens: int) -> None:
+        self.index, self.text, self.generated_tokens = index, text, tokens
+
+
+def read_states(client, key: str, then=None) -> list[dict]:
+    """Every state the stream sends; `then` starts (in a thread) once the page is connected."""
+    states = []
+    with client.stream("GET", f"/lc/live/{key}") as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        if then is not None:
+            threading.Thread(target=then).start()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                states.append(json.loads(line[len("data: "):]))
+    return states
+
+
+def test_a_reply_streams_its_newest_state_until_it_is_done():
+    slots = LiveSlots()
+    client = TestClient(Starlette(routes=[slots.route()]))
+    slot = slots.open(LiveView(None, 1, False))
+
+    def write():  # the thread reading the engine: publishes far faster than the page is sent updates
+        text = ""
+        for i in range(60):
+            text += f"word{i} " + ("\n\n" if i % 20 == 19 else "")
+            slot.publish([Event(0, text, i + 1)])
+            time.sleep(0.01)
+        slots.close(slot)
+
+    started = time.monotonic()
+    states = read_states(client, slot.key, then=write)
+    elapsed = time.monotonic() - started
+    assert states[-1]["done"] and states[-1]["samples"][0]["tokens"] == 60
+    last = states[-1]["samples"][0]
+    assert "word59" in last["head"] + last["tail"] and "word0" in last["head"]
+    # finished paragraphs travel apart from the one being written
+    assert any(s["samples"] and s["samples"][0]["head"] and s["samples"][0]["tail"] for s in states)
+    versions = [s["version"] for s in states]
+    assert versions == sorted(versions)
+    assert len(states) <= elapsed / 0.1 + 2  # at most ten a second, however fast the reply grows
+    assert client.get(f"/lc/live/{slot.key}").status_code == 404  # ended: the chat shows it now
+    assert client.get("/lc/live/not-a-key").status_code == 404
+
+
+def test_samples_are_sent_together_and_escaped():
+    slots = LiveSlots()
+    client = TestClient(Starlette(routes=[slots.route()]))
+    slot = slots.open(LiveView("hi", 3, False))
+    slot.publish([Event(i, f"<script>alert({i})</script> sample {i}", 4) for i in range(3)])
+    state = read_states(client, slot.key, then=lambda: slots.close(slot))[-1]
+    assert [s["index"] for s in state["samples"]] == [0, 1, 2]
+    assert all("<script" not in s["head"] + s["tail"] and "&lt;script&gt;" in s["tail"] for s in state["samples"])
