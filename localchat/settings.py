@@ -25,6 +25,7 @@ DEFAULT_CPU_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.6
 MAX_SAMPLES = 64  # n (parallel samples) and beam width a request may ask for
 MAX_TOP_LOGPROBS = 20  # alternatives per position a request may ask for (OpenAI's limit)
+ENGINE_OUTPUT_INTERVAL_S = 0.05  # an engine process hands its outputs to the app at most this often (first tokens and ends at once)
 SHUTDOWN_GRACE_S = 3  # on Ctrl-C/SIGTERM, how long running replies get to end and be saved before the server closes
 
 # ---- the page ------------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ DEFAULT_PORT = 7860
 UI_CONCURRENCY = 8  # replies the page streams at once (Gradio's queue)
 UI_MAX_SAMPLES = 8  # samples shown side by side
 UI_STREAM_INTERVAL_S = 0.1  # a streaming reply updates the page at most this often (ten a second)
-UI_QUEUE_POLL_S = 0.005  # how often the page's event queue looks for new events (localchat/ui/app.py)
+UI_QUEUE_POLL_S = 0.02  # how often the page's event queue looks for new events (localchat/ui/app.py)
 
 # ---- the OpenAI-compatible API (localchat/api/) --------------------------------------------------
 DEFAULT_API_PORT = 8000  # `localchat serve`; the app serves the API on the page's port

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from itertools import count
 
+from localchat import settings
 from localchat.engine.driver import EngineClient, EngineLoop, EngineStopped
+from localchat.engine.outputs import OutputBatcher
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,13 @@ def _child_main(conn, factory: Callable, args: tuple, kwargs: dict) -> None:
         conn.send(("start_failed", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", engine.info()))
-    loop = EngineLoop(engine, lambda outs: conn.send(("outputs", outs)), lambda rid, exc: conn.send(("failed", (rid, exc))))
+    batcher = OutputBatcher(lambda outs: conn.send(("outputs", outs)), settings.ENGINE_OUTPUT_INTERVAL_S)
+
+    def fail(request_id, exc) -> None:
+        batcher.flush()  # what the request wrote before it failed goes first
+        conn.send(("failed", (request_id, exc)))
+
+    loop = EngineLoop(engine, batcher.add, fail)
     try:
         while True:
             # Commands first; wait for one only when there is nothing to compute.
@@ -47,10 +55,13 @@ def _child_main(conn, factory: Callable, args: tuple, kwargs: dict) -> None:
                 kind, payload, call_id = conn.recv()
                 if kind == "stop":
                     loop.stop_all("the engine was shut down")
+                    batcher.flush()
                     return
                 _handle(conn, loop, kind, payload, call_id)
+                batcher.flush_if_due(idle=not loop.has_work())
             if loop.has_work():
                 loop.step()
+            batcher.flush_if_due(idle=not loop.has_work())
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the parent went away: nothing left to serve
 

@@ -102,8 +102,8 @@ def wire(demo: gr.Blocks, w: Widgets, h: ReplyHandlers) -> None:
 
 def _quiet_queue(demo: gr.Blocks) -> None:
     """Gradio's queue looks for new events every millisecond, even when there are none: measured here
-    (an idle page, this machine), 3-5% of a core taken from the engine's threads. Every 5 ms is
-    still unnoticeable to a person (an event starts at most 5 ms later); progress bars are unused."""
+    (an idle page, this machine), 3-5% of a core taken from the engine's threads. Every 20 ms is
+    still unnoticeable to a person (an event starts at most 20 ms later); progress bars are unused."""
     queue = getattr(demo, "_queue", None)
     if queue is not None and hasattr(queue, "sleep_when_free"):
         queue.sleep_when_free = max(queue.sleep_when_free, settings.UI_QUEUE_POLL_S)
