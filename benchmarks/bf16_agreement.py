@@ -13,25 +13,13 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
+from localchat.bench.quality import CHAT_PROMPTS
 from localchat.engine.engine import Engine, EngineConfig
 from localchat.model.chat_template import prompt_ids
 from localchat.model.loader import load_model
 from localchat.engine.sampling_params import SamplingParams
 
-PROMPTS = [
-    "Why is the sky blue?",
-    "Write a haiku about the sea.",
-    "What is the capital of France?",
-    "Explain what a hash table is in two sentences.",
-    "Give me three tips for learning to cook.",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 7?",
-    "Write a short story about a dragon who learns to cook.",
-    "List the planets of the solar system.",
-    "How do I reverse a list in Python?",
-    "What causes rain?",
-    "Name a color.",
-]
+PROMPTS = list(CHAT_PROMPTS)  # the bench's quality suite asks the same 12 prompts
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 48
 dtype = torch.bfloat16
