@@ -14,6 +14,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Tests that drive Chromium against a live app process. On a 2-core machine the browser, the app and the
+# engine share the cores, and a wait that holds on an idle machine can miss there now and then; such a
+# test runs once more before it counts as failed (pytest-rerunfailures), and the summary names every rerun.
+BROWSER_RERUNS = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("browser") and not item.get_closest_marker("flaky"):
+            item.add_marker(pytest.mark.flaky(reruns=BROWSER_RERUNS, reruns_delay=2))
+
+
 def skip_or_fail(reason: str) -> None:
     """A prerequisite this machine lacks: skip the test here, but fail it under CI (CI=true, set by .ci/run),
     where the setup script installs everything, so a missing piece can't pass CI as a silent skip."""

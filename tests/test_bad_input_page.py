@@ -16,6 +16,8 @@ import pytest
 from conftest import skip_or_fail
 from helpers.tiny_app import AppProcess, save_tiny_model
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -87,6 +89,7 @@ def setting(page, elem_id: str, value) -> None:
         page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
     field.fill(str(value))
     field.press("Tab")
+    assert field.input_value() == str(value)
 
 
 def type_message(page, text: str) -> None:
@@ -97,8 +100,18 @@ def type_message(page, text: str) -> None:
 
 
 def expect_message(page, message: str) -> str:
+    """The toast that says `message`; when it never comes, the failure says what the page showed instead
+    (other toasts, a reply that started, the fields' values)."""
     toast = page.locator(".toast-body", has_text=message).first
-    toast.wait_for()
+    try:
+        toast.wait_for()
+    except Exception as exc:  # noqa: BLE001 - replaced by what the page showed
+        shown = page.evaluate("""() => ({
+            toasts: [...document.querySelectorAll('.toast-body')].map(t => t.textContent),
+            replies: document.querySelectorAll('#lc-chat .lc-msg.lc-assistant').length,
+            live: !!document.querySelector('#lc-live .lc-live'),
+            max_tokens: document.querySelector('#lc-max-tokens input')?.value})""")
+        raise AssertionError(f"no toast saying {message!r}; the page showed {shown}") from exc
     return toast.text_content()
 
 

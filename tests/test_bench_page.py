@@ -10,7 +10,7 @@ import torch
 
 from conftest import skip_or_fail
 
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.*")
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.*"), pytest.mark.browser]
 
 
 def test_page_suite_on_the_tiny_model(smol_tokenizer, tmp_path, monkeypatch):

@@ -30,6 +30,8 @@ from localchat.model.llama import LlamaForCausalLM
 from localchat.model.loader import LoadedModel
 from localchat.model.memory import InsufficientMemoryError, estimate
 
+pytestmark = pytest.mark.browser
+
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 

@@ -18,6 +18,8 @@ import pytest
 from conftest import skip_or_fail
 from helpers.tiny_app import HERE, AppProcess, save_tiny_model
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

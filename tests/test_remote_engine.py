@@ -25,6 +25,8 @@ from localchat.chat.store import Store
 from localchat.engine import EngineDriver, EngineStopped, RequestError, SamplingParams
 from localchat.ui.remote_panel import render_remote_html
 
+pytestmark = pytest.mark.browser
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

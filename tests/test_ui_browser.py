@@ -15,7 +15,7 @@ import pytest
 from conftest import skip_or_fail
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.*")
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.*"), pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

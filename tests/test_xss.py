@@ -18,6 +18,8 @@ from conftest import skip_or_fail
 from helpers.tiny_app import HERE, AppProcess
 from helpers.xss_corpus import corpus
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
