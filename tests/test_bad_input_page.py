@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from conftest import skip_or_fail
+from localchat.bench.page import set_setting
 from helpers.tiny_app import AppProcess, save_tiny_model
 
 pytestmark = pytest.mark.browser
@@ -84,12 +85,7 @@ def clear_toasts(page) -> None:
 
 
 def setting(page, elem_id: str, value) -> None:
-    field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-    if not field.is_visible():
-        page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
-    field.fill(str(value))
-    field.press("Tab")
-    assert field.input_value() == str(value)
+    set_setting(page, elem_id, value)  # retyped if the field was still mounting
 
 
 def type_message(page, text: str) -> None:

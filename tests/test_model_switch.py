@@ -27,6 +27,7 @@ from localchat.engine import (
 )
 from localchat.model.chat_template import prompt_ids
 from localchat.model.llama import LlamaForCausalLM
+from localchat.bench.page import set_setting
 from localchat.model.loader import LoadedModel
 from localchat.model.memory import InsufficientMemoryError, estimate
 
@@ -411,9 +412,7 @@ def test_browser_pick_another_model_chat_and_switch_back(two_model_app):
             page.get_by_text("Settings", exact=True).click()
             expect(page.locator("#lc-model input")).to_have_value(re.compile(r"^tiny-a · Llama"))
             for elem_id, value in (("lc-temperature", "0"), ("lc-max-tokens", "12")):
-                field = page.locator(f"#{elem_id} input").first
-                field.fill(value)
-                field.press("Tab")
+                set_setting(page, elem_id, value)
             chat("Hello, who are you?", 1, "tiny-a")
 
             pick("tiny-b")  # not downloaded: the page shows the download, then the switch

@@ -20,6 +20,7 @@ from helpers.tiny import tiny_engine
 from localchat.api.remote import RemoteEngineClient, api_base, request_body
 from localchat.api.remote_metrics import RemoteSnapshot, parse_metrics
 from localchat.api.server import create_app
+from localchat.bench.page import set_setting
 from localchat.chat.service import ChatService
 from localchat.chat.store import Store
 from localchat.engine import EngineDriver, EngineStopped, RequestError, SamplingParams
@@ -232,14 +233,8 @@ def test_browser_app_on_a_remote_engine(chromium, remote_app, engine_server):
             page.goto(url)
             assistants = page.locator("#lc-chat article.lc-assistant:not([hidden])")
 
-            def setting(elem_id: str, value: str) -> None:
-                field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-                field.fill(value)
-                field.press("Tab")
-
-            page.get_by_text("Settings", exact=True).click()
-            setting("lc-temperature", "0")
-            setting("lc-max-tokens", "24")
+            set_setting(page, "lc-temperature", "0")
+            set_setting(page, "lc-max-tokens", "24")
             box = page.locator("#lc-input textarea")
             box.fill("Hello from the browser")
             box.press("Enter")
@@ -247,12 +242,12 @@ def test_browser_app_on_a_remote_engine(chromium, remote_app, engine_server):
             expect(assistants.first.locator(".lc-body")).not_to_be_empty()
             wait_saved(db, replies=1)
 
-            setting("lc-temperature", "1.0")
+            set_setting(page, "lc-temperature", "1.0")
             page.locator("#lc-regenerate").click()
             expect(assistants.first.locator(".lc-pos")).to_have_text("2/2")
             wait_saved(db, replies=2)
 
-            setting("lc-n", "2")
+            set_setting(page, "lc-n", "2")
             box.fill("Two answers, please")
             box.press("Enter")
             expect(assistants).to_have_count(2)

@@ -5,6 +5,7 @@ memory panel's story. Each test saves a screenshot under tests/artifacts/."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import skip_or_fail
+from localchat.bench.page import set_setting
 from playwright.sync_api import expect
 
 pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.*"), pytest.mark.browser]
@@ -103,8 +105,16 @@ def shot(page, name: str) -> None:
 def open_conversation(page, app: App, conv_id: int | None = None) -> None:
     page.goto(app.url + (f"?c={conv_id}" if conv_id else ""))
     page.locator("#lc-input textarea").wait_for()
+    # The load event has answered (the chat knows the model's context): a click on "New chat" made
+    # before it would be undone by the conversation it opens.
+    page.locator('#lc-chat .lc-conv:not([data-ctx="0"])').wait_for(state="attached")
     if conv_id:
         page.locator(f'#lc-chat .lc-conv[data-conv="{conv_id}"]').wait_for(state="attached")
+
+
+def new_chat(page) -> None:
+    page.locator("#lc-new").click()
+    page.locator('#lc-chat .lc-conv[data-conv=""]').wait_for(state="attached")
 
 
 def shown(page) -> list[str]:
@@ -112,11 +122,7 @@ def shown(page) -> list[str]:
 
 
 def setting(page, elem_id: str, value) -> None:
-    field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-    if not field.is_visible():
-        page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
-    field.fill(str(value))
-    field.press("Tab")
+    set_setting(page, elem_id, value)  # retyped if the field was still mounting
 
 
 def replies(page) -> int:
@@ -124,9 +130,23 @@ def replies(page) -> int:
 
 
 def wait_replies(page, count: int) -> None:
-    page.wait_for_function(
-        "n => document.querySelectorAll('#lc-chat .lc-msg.lc-assistant').length >= n && !document.querySelector('#lc-live .lc-live')",
-        arg=count)
+    try:
+        page.wait_for_function(
+            "n => document.querySelectorAll('#lc-chat .lc-msg.lc-assistant').length >= n && !document.querySelector('#lc-live .lc-live')",
+            arg=count)
+    except Exception as exc:  # noqa: BLE001 - replaced by what the page showed
+        shot(page, "wait_replies_timeout")
+        raise AssertionError(f"{count} replies never showed; the page showed {page_state(page)}") from exc
+
+
+def page_state(page) -> dict:
+    return page.evaluate("""() => ({
+      conv: document.querySelector('#lc-chat .lc-conv')?.dataset.conv,
+      replies: document.querySelectorAll('#lc-chat .lc-msg.lc-assistant').length,
+      live: document.querySelector('#lc-live')?.innerHTML.slice(0, 300),
+      status: document.querySelector('#lc-status')?.textContent,
+      toasts: [...document.querySelectorAll('.toast-body')].map(t => t.textContent),
+      input: document.querySelector('#lc-input textarea')?.value})""")
 
 
 def send(page, text: str, *, expect_replies: int = 1) -> None:
@@ -230,7 +250,7 @@ def test_the_overview_jumps_to_a_branch(page, app):
 
 def test_edit_and_regenerate_in_place_make_branches(page, app):
     open_conversation(page, app)
-    page.locator("#lc-new").click()
+    new_chat(page)
     setting(page, "lc-max-tokens", 12)
     send(page, "Original question")
     page.locator("#lc-chat .lc-user:not([hidden]) [data-act=edit]").click()
@@ -252,7 +272,7 @@ def test_edit_and_regenerate_in_place_make_branches(page, app):
 # ------------------------------------------------------------------ compare
 def test_compare_six_samples_and_continue_with_the_fourth(page, app):
     open_conversation(page, app)
-    page.locator("#lc-new").click()
+    new_chat(page)
     setting(page, "lc-temperature", 1.0)
     setting(page, "lc-max-tokens", 24)
     setting(page, "lc-n", 6)
@@ -289,7 +309,7 @@ def test_compare_six_samples_and_continue_with_the_fourth(page, app):
 
 def test_beam_search_shows_each_beams_score(page, app):
     open_conversation(page, app)
-    page.locator("#lc-new").click()
+    new_chat(page)
     setting(page, "lc-n", 1)
     setting(page, "lc-beam", 3)
     setting(page, "lc-max-tokens", 8)
@@ -306,7 +326,7 @@ def test_beam_search_shows_each_beams_score(page, app):
 # ------------------------------------------------------------------ statistics, gauge, label
 def test_statistics_under_replies_survive_a_reload(page, app):
     open_conversation(page, app)
-    page.locator("#lc-new").click()
+    new_chat(page)
     setting(page, "lc-max-tokens", 16)
     send(page, "Statistics please")
     send(page, "And again")
@@ -327,9 +347,11 @@ def test_statistics_under_replies_survive_a_reload(page, app):
     }""")
     assert not covered
     gauge = page.locator("#lc-gauge")
-    assert "context:" in gauge.inner_text() and "of 512 tokens" in gauge.inner_text()
+    expect(gauge).to_contain_text("context:")
+    expect(gauge).to_contain_text("of 512 tokens")
     setting(page, "lc-max-tokens", 500)  # the next reply could not fit: the gauge says so before it happens
-    assert "may stop early" in gauge.inner_text() and "lc-warn" in gauge.locator(".lc-gauge").get_attribute("class")
+    expect(gauge).to_contain_text("may stop early")
+    expect(gauge.locator(".lc-gauge")).to_have_class(re.compile(r"\blc-warn\b"))
     shot(page, "statistics_after_reload")
 
 
@@ -392,7 +414,7 @@ def test_search_by_title_and_content(page, app):
 
 def test_keyboard_enter_sends_shift_enter_new_line_escape_stops(page, app):
     open_conversation(page, app)
-    page.locator("#lc-new").click()
+    new_chat(page)
     setting(page, "lc-max-tokens", 8)
     box = page.locator("#lc-input textarea")
     box.fill("line one")
@@ -420,7 +442,7 @@ def test_settings_presets_and_the_system_prompt(page, app):
     from localchat.ui.presets import Presets
 
     open_conversation(page, app)
-    page.locator("#lc-new").click()
+    new_chat(page)
     page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
     page.locator("#lc-preset input").click()
     page.get_by_role("option", name="Precise (greedy)").click()
@@ -453,7 +475,7 @@ def test_settings_presets_and_the_system_prompt(page, app):
 # ------------------------------------------------------------------ memory panel and tabs
 def test_memory_panel_tells_the_story_of_a_compare_of_three(page, app):
     open_conversation(page, app)
-    page.locator("#lc-new").click()
+    new_chat(page)
     page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
     setting(page, "lc-temperature", 1.0)
     setting(page, "lc-n", 3)
@@ -506,7 +528,7 @@ def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
         for i, pg in enumerate(pages):
             pg.set_default_timeout(TIMEOUT_MS)
             open_conversation(pg, app)
-            pg.locator("#lc-new").click()
+            new_chat(pg)
             setting(pg, "lc-max-tokens", 300)
         pages[0].locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
         for i, pg in enumerate(pages):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import skip_or_fail
+from localchat.bench.page import set_setting
 from helpers.tiny_app import HERE, AppProcess
 from helpers.xss_corpus import corpus
 
@@ -132,11 +133,7 @@ def send(page, text: str, replies: int = 1) -> None:
 
 
 def set_samples(page, n: int) -> None:
-    field = page.locator("#lc-n input").first
-    if not field.is_visible():
-        page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
-    field.fill(str(n))
-    field.press("Tab")
+    set_setting(page, "lc-n", n)
 
 
 def findings(page) -> dict:

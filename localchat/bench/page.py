@@ -140,6 +140,22 @@ _BRANCH_CLICK = """async () => {
 }"""
 
 
+def set_setting(page, elem_id: str, value) -> None:
+    """Type `value` into a settings field as a person would (opening the settings first), and make sure
+    it took: the settings' fields are mounted as the accordion first opens, and a value typed in that
+    instant is replaced by the field's default; then it is typed again."""
+    field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    if not field.is_visible():
+        page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
+    for _ in range(5):
+        field.fill(str(value))
+        field.press("Tab")
+        page.wait_for_timeout(100)
+        if field.input_value() == str(value):
+            return
+    raise RuntimeError(f"the page's {elem_id} field would not keep {value!r} (it shows {field.input_value()!r})")
+
+
 class PageSession:
     """The app's page in Chromium, driven the way a person uses it."""
 
@@ -149,12 +165,7 @@ class PageSession:
         self.panel_open = False
 
     def setting(self, elem_id: str, value) -> None:
-        if not self.settings_open:
-            self.page.locator("#lc-settings").get_by_text("Settings", exact=True).click()
-            self.settings_open = True
-        field = self.page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-        field.fill(str(value))
-        field.press("Tab")
+        set_setting(self.page, elem_id, value)
 
     def memory_panel(self, *, open: bool) -> None:
         if open != self.panel_open:
