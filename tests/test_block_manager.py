@@ -19,7 +19,7 @@ def run_sequence(bm: BlockManager, seq_id: int, prompt: list[int]) -> int:
     """Allocate a prompt and compute it fully, as the engine would."""
     hit = bm.allocate(seq_id, prompt)
     copies = bm.append(seq_id, prompt[hit:])
-    assert copies == []
+    assert copies == [] or hit % bm.block_size  # only a borrowed block is copied
     bm.mark_computed(seq_id)
     return hit
 
@@ -123,23 +123,67 @@ def test_fork_at_block_boundary_needs_no_copy():
     bm.check_invariants()
 
 
-def test_prefix_cache_reuses_live_and_cached_blocks_but_never_the_last():
+def test_prefix_cache_reuses_live_and_cached_blocks_but_never_the_last_token():
     bm = BlockManager(32, block_size=4)
     prompt = toks(0, 12)
     assert run_sequence(bm, 1, prompt) == 0
-    # Same prompt while 1 is live: the first two blocks are shared, the last is recomputed.
-    assert bm.allocate(2, prompt) == 8
-    assert bm.block_table(2) == bm.block_table(1)[:2]
-    bm.append(2, prompt[8:])
+    # Same prompt while 1 is live: two blocks shared, the third borrowed for 3 of its 4 tokens, so
+    # only the last token is computed, into a copy of the borrowed block.
+    assert bm.allocate(2, prompt) == 11
+    assert bm.block_table(2) == bm.block_table(1)
+    third = bm.block_table(1)[2]
+    copies = bm.append(2, prompt[11:])
+    assert copies == [(third, bm.block_table(2)[2])] and bm.block_table(2)[2] != third
+    assert bm.block_table(2)[:2] == bm.block_table(1)[:2]
+    assert bm.read_tokens(1) == prompt and bm.read_tokens(2) == prompt
     bm.mark_computed(2)
+    bm.check_invariants()
     bm.free(1)
     bm.free(2)
     f = bm.figures()
     assert f.blocks_used == 0 and f.blocks_cached >= 3
     # Cached after free: a longer prompt sharing the head hits all three full blocks.
     assert bm.allocate(3, prompt + [50, 51]) == 12
-    assert bm.figures().prefix_hit_tokens == 8 + 12
+    assert bm.figures().prefix_hit_tokens == 11 + 12
     bm.check_invariants()
+
+
+def test_borrowed_block_is_copied_with_only_the_tokens_the_prompt_shares():
+    """A regenerate asks for a prompt that ends inside the block its first reply filled; an edit
+    diverges inside a block. Either borrows the leading tokens it shares and never writes the
+    cached block itself."""
+    bm = BlockManager(16, block_size=4, watermark=0.0)
+    first = toks(0, 6) + [90, 91]  # the prompt (6 tokens) and the first reply's two tokens
+    run_sequence(bm, 1, first)
+    bm.free(1)
+    cached = dict(bm.block_token_ids(range(16)))
+    for seq, prompt, hit in ((2, toks(0, 6), 5), (3, toks(0, 5) + [77, 78], 5), (4, [0, 1, 2, 99, 4], 3), (5, [7, 1], 0)):
+        assert bm.can_allocate(prompt)
+        assert bm.allocate(seq, prompt) == hit
+        copies = bm.append(seq, prompt[hit:])
+        assert bool(copies) == bool(hit % 4)
+        bm.mark_computed(seq)
+        assert bm.read_tokens(seq) == prompt
+        bm.check_invariants()
+        bm.free(seq)
+    # the first reply's blocks still hold what they held, and are still found
+    assert {b: t for b, t in bm.block_token_ids(range(16)).items() if b in cached and cached[b]} == \
+        {b: t for b, t in cached.items() if t}
+    assert bm.allocate(6, first + [5]) == 8
+
+
+def test_a_borrow_needs_a_block_for_its_copy():
+    """Where the pool has no block for the copy, the borrow is given up, not the admission."""
+    prompt = toks(0, 6)  # block 0 whole, then block 1 for 1 token
+    for num_blocks, hit in ((3, 5), (2, 4)):
+        bm = BlockManager(num_blocks, block_size=4, watermark=0.0)
+        run_sequence(bm, 1, toks(0, 8))
+        bm.free(1)
+        assert bm.can_allocate(prompt)
+        assert bm.allocate(2, prompt) == hit
+        bm.append(2, prompt[hit:])
+        assert bm.read_tokens(2) == prompt
+        bm.check_invariants()
 
 
 def test_prefix_cache_disabled():
@@ -357,7 +401,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if not self.bm.can_allocate(prompt):
             return
         hit = self.bm.allocate(sid, prompt)
-        assert hit % self.bm.block_size == 0 and hit < len(prompt)
+        assert hit < len(prompt)  # the last token is always computed
+        assert self.bm.read_tokens(sid) == prompt[:hit]
         try:
             self.bm.append(sid, prompt[hit:])
         except OutOfBlocks:

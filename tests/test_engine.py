@@ -67,6 +67,28 @@ def test_outputs_do_not_depend_on_block_size_chunking_or_cache(tiny_engine, bloc
     assert engine.block_manager.figures().prefix_hit_tokens > 0
 
 
+def test_regenerate_and_edit_compute_only_what_differs(tiny_engine):
+    """A regenerate's prompt ends inside the block its first reply filled, an edit diverges inside a
+    block: the engine borrows the cached leading tokens of that block, computes the rest (for a
+    regenerate, only the last token) into a copy, and answers exactly as without any cache."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(100, 40_000) for _ in range(n)] for n in (37, 48, 64, 16)]
+    edits = [p[:-7] + [rng.randrange(100, 40_000) for _ in range(5)] for p in prompts]
+    fresh = tiny_engine(enable_prefix_cache=False)
+    expected = run_all(fresh, prompts) + run_all(fresh, edits)
+    engine = tiny_engine()
+    assert run_all(engine, prompts) == expected[:4]
+    again = engine.generate(prompt_token_ids=prompts, params=GREEDY)
+    assert [o.outputs[0].token_ids for o in again] == expected[:4]
+    assert [o.metrics.prefix_hit_tokens for o in again] == [len(p) - 1 for p in prompts]
+    edited = engine.generate(prompt_token_ids=edits, params=GREEDY)
+    assert [o.outputs[0].token_ids for o in edited] == expected[4:]
+    assert [o.metrics.prefix_hit_tokens for o in edited] == [len(p) - 7 for p in prompts]
+    figures = engine.block_manager.figures()
+    assert figures.blocks_used == 0 and figures.cow_copies >= 8
+    engine.block_manager.check_invariants()
+
+
 def test_abort_half_mid_stream(tiny_engine):
     prompts = random_prompts(16, seed=4)
     expected = run_all(tiny_engine(), prompts)

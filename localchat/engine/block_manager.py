@@ -2,12 +2,15 @@
 
 The engine drives it like this for every sequence:
 1. `allocate(seq_id, prompt_ids)` creates the table and takes every full prompt block found in
-   the prefix cache (never the block holding the last prompt token, so there is always at least
-   one token to compute); it returns how many prompt tokens are already computed.
+   the prefix cache, then borrows the cached block after them that shares the most leading tokens
+   with the rest of the prompt (a regenerate's prompt ends inside the block its first reply filled;
+   an edit diverges inside a block). It never counts the last prompt token, so there is always one
+   token to compute, and returns how many prompt tokens are already computed.
 2. Before each forward pass, `append(seq_id, new_ids)` reserves slots for the tokens the pass will
    compute, allocating a block only on a block boundary. If the last block is shared with another
-   table, it is replaced by a private copy first; the returned (src, dst) pairs are the copies the
-   model runner must apply to the KV tensors before the forward pass.
+   table or registered in the prefix cache (a borrowed block), it is replaced by a private copy of
+   the tokens this table holds first; the returned (src, dst) pairs are the copies the model runner
+   must apply to the KV tensors before the forward pass.
 3. After the forward pass, `mark_computed(seq_id)` registers newly completed full blocks in the
    prefix cache.
 4. `fork(parent, child)` shares every block; `free(seq_id)` releases them (cached if registered).
@@ -43,6 +46,21 @@ class BlockTable:
     # later blocks chain on.
     content_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PrefixMatch:
+    """What the prefix cache holds of a prompt: full blocks (with the content ids and hashes later
+    blocks chain on), then maybe one block whose first `borrowed_tokens` tokens continue them."""
+
+    blocks: list[int] = field(default_factory=list)
+    content_ids: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    borrowed: int | None = None
+    borrowed_tokens: int = 0
+
+    def hit_tokens(self, block_size: int) -> int:
+        return len(self.blocks) * block_size + self.borrowed_tokens
 
 
 @dataclass(frozen=True)
@@ -172,14 +190,13 @@ class BlockManager:
         if self.blocks_unshared > self._peaks["blocks_unshared_peak"]:
             self._peaks["blocks_unshared_peak"] = self.blocks_unshared
 
-    def _match_prefix(self, token_ids: Sequence[int], num_blocks: int | None = None) -> tuple[list[int], list[int], list[int]]:
-        """Cached blocks holding a prefix of `token_ids`, never including the last token (unless
-        `num_blocks` says how many full blocks to try)."""
-        blocks: list[int] = []
-        content_ids: list[int] = []
-        hashes: list[int] = []
+    def _match_prefix(self, token_ids: Sequence[int], num_blocks: int | None = None) -> PrefixMatch:
+        """Cached blocks holding a prefix of `token_ids`, never including the last token: the full
+        blocks that match, then the block after them sharing the most leading tokens (borrowed).
+        With `num_blocks`, only that many full blocks are tried and nothing is borrowed."""
+        match = PrefixMatch()
         if not self.enable_prefix_cache:
-            return blocks, content_ids, hashes
+            return match
         bs = self.block_size
         parent_hash, parent_cid = 0, 0
         for i in range((len(token_ids) - 1) // bs if num_blocks is None else num_blocks):
@@ -190,17 +207,26 @@ class BlockManager:
                 break
             parent_hash = h
             parent_cid = self.pool.identity[block_id].content_id  # type: ignore[union-attr]
-            blocks.append(block_id)
-            content_ids.append(parent_cid)
-            hashes.append(h)
-        return blocks, content_ids, hashes
+            match.blocks.append(block_id)
+            match.content_ids.append(parent_cid)
+            match.hashes.append(h)
+        if num_blocks is None:
+            start = len(match.blocks) * bs
+            rest = token_ids[start : min(start + bs, len(token_ids) - 1)]
+            if rest:
+                match.borrowed, match.borrowed_tokens = self.pool.longest_child_prefix(parent_cid, rest)
+        return match
+
+    def _must_copy(self, block_id: int) -> bool:
+        """Appending into this block would change what another table or the prefix cache holds."""
+        return self.pool.ref_counts[block_id] > 1 or self.pool.identity[block_id] is not None
 
     def _new_blocks_needed(self, table: BlockTable, num_new_tokens: int) -> int:
         total = table.num_tokens + num_new_tokens
         needed = self._blocks_for(total) - len(table.blocks)
         partial = table.num_tokens % self.block_size
-        if num_new_tokens > 0 and partial and self.pool.ref_counts[table.blocks[-1]] > 1:
-            needed += 1  # copy-on-write of the shared last block
+        if num_new_tokens > 0 and partial and self._must_copy(table.blocks[-1]):
+            needed += 1  # copy-on-write of the shared (or borrowed) last block
         return needed
 
     # ------------------------------------------------------------- admission
@@ -213,12 +239,26 @@ class BlockManager:
         """Could a new sequence with this prompt start now, computing `num_new_tokens` of it
         (default: all uncached tokens), leaving the watermark free for running sequences?"""
         with self._lock:
-            blocks, _, _ = self._match_prefix(token_ids)
-            reactivated = sum(1 for b in blocks if self.pool.ref_counts[b] == 0)
-            cached_tokens = len(blocks) * self.block_size
-            todo = len(token_ids) - cached_tokens if num_new_tokens is None else num_new_tokens
-            needed = self._blocks_for(cached_tokens + todo) - len(blocks)
-            return self.pool.num_available - reactivated - needed >= self.watermark_blocks
+            return self._admit(token_ids, num_new_tokens)[1]
+
+    def _admit(self, token_ids: Sequence[int], num_new_tokens: int | None) -> tuple[PrefixMatch, bool]:
+        """The prefix match a new sequence would take, and whether it fits. A borrowed block costs one
+        block more (its copy), so where only that block is missing the borrow is given up instead."""
+        match = self._match_prefix(token_ids)
+        fits = self._fits(match, len(token_ids), num_new_tokens)
+        if not fits and match.borrowed is not None:
+            match.borrowed, match.borrowed_tokens = None, 0
+            fits = self._fits(match, len(token_ids), num_new_tokens)
+        return match, fits
+
+    def _fits(self, match: PrefixMatch, num_tokens: int, num_new_tokens: int | None) -> bool:
+        held = match.blocks + ([match.borrowed] if match.borrowed is not None else [])
+        reactivated = sum(1 for b in held if self.pool.ref_counts[b] == 0)
+        cached_tokens = match.hit_tokens(self.block_size)
+        todo = num_tokens - cached_tokens if num_new_tokens is None else num_new_tokens
+        # Counted against the full blocks only: a borrowed block is copied before anything lands in it.
+        needed = self._blocks_for(cached_tokens + todo) - len(match.blocks)
+        return self.pool.num_available - reactivated - needed >= self.watermark_blocks
 
     def can_append(self, seq_id: int, num_new_tokens: int = 1) -> bool:
         with self._lock:
@@ -230,28 +270,30 @@ class BlockManager:
             return self._new_blocks_needed(self._table(seq_id), num_new_tokens)
 
     # ------------------------------------------------------------- operations
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, token_ids: Sequence[int], num_new_tokens: int | None = None) -> int:
         """Create the table for a new sequence, sharing cached prompt blocks.
 
         Returns the number of prompt tokens already computed (the prefix-cache hit). The rest of
         the prompt is reserved by `append` as it is computed, so a long prompt prefilled in chunks
-        takes blocks only as its chunks run.
+        takes blocks only as its chunks run. `num_new_tokens` is the first chunk, as asked of
+        `can_allocate`, so both make the same choice about borrowing.
         """
         with self._lock:
             if seq_id in self.tables:
                 raise BlockManagerError(f"sequence {seq_id!r} already has a block table")
             if len(token_ids) == 0:
                 raise BlockManagerError("cannot allocate an empty prompt")
-            blocks, content_ids, hashes = self._match_prefix(token_ids)
+            match = self._admit(token_ids, num_new_tokens)[0]
+            blocks = match.blocks + ([match.borrowed] if match.borrowed is not None else [])
             for block_id in blocks:
                 self.pool.acquire(block_id)
-            hit = len(blocks) * self.block_size
+            hit = match.hit_tokens(self.block_size)
             self.tables[seq_id] = BlockTable(
-                blocks=list(blocks),
+                blocks=blocks,
                 num_tokens=hit,
                 num_computed=hit,
-                content_ids=content_ids,
-                block_hashes=hashes,
+                content_ids=match.content_ids,
+                block_hashes=match.hashes,
             )
             self.blocks_unshared += len(blocks)
             self.prefix_hit_tokens += hit
@@ -283,9 +325,9 @@ class BlockManager:
                     grew = True
                 else:
                     last = table.blocks[-1]
-                    if self.pool.ref_counts[last] > 1:
+                    if self._must_copy(last):
                         fresh = self.pool.take_free()
-                        self.pool.copy_tokens(last, fresh)
+                        self.pool.copy_tokens(last, fresh, offset)
                         self.pool.release(last)
                         table.blocks[-1] = fresh
                         copies.append((last, fresh))
@@ -409,7 +451,7 @@ class BlockManager:
             out: list[int] = []
             for block_id in table.blocks:
                 out.extend(self.pool.tokens[block_id])
-            return out
+            return out[: table.num_tokens]  # a borrowed last block holds more than this table uses
 
     def figures(self) -> MemoryFigures:
         with self._lock:
@@ -503,8 +545,7 @@ class BlockManager:
         Nothing changes: no block is taken or touched, so asking never reorders the LRU.
         """
         with self._lock:
-            blocks, _, _ = self._match_prefix(token_ids, len(token_ids) // self.block_size)
-            return len(blocks) * self.block_size
+            return len(self._match_prefix(token_ids, len(token_ids) // self.block_size).blocks) * self.block_size
 
     def block_token_ids(self, block_ids: Sequence[int]) -> dict[int, list[int]]:
         """The token ids each block holds now (free blocks hold none)."""
@@ -530,7 +571,9 @@ class BlockManager:
                 assert states == 1, f"block {b} is in {states} states"
                 used += pool.ref_counts[b] > 0
                 if b in cached:
-                    assert pool.identity[b] is not None and len(pool.tokens[b]) == self.block_size
+                    assert pool.identity[b] is not None
+                if pool.identity[b] is not None:  # registered blocks are full and never written again
+                    assert len(pool.tokens[b]) == self.block_size
                 if b in free:
                     assert pool.identity[b] is None and not pool.tokens[b]
             assert used == pool.num_used

@@ -8,7 +8,8 @@ A physical block is in exactly one state at any time:
 
 The pool also keeps the token ids stored in each block. They mirror what the KV tensors hold, so
 a prefix-cache hit is verified token by token and tests can read a sequence back through its
-table.
+table. Registered blocks are also indexed by the block before them, so a prompt whose next block
+differs from every cached one can still borrow the leading tokens it shares with one of them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class BlockPool:
         # Insertion order is LRU order: the first key is the least recently released block.
         self._cached: OrderedDict[int, None] = OrderedDict()
         self._by_hash: dict[int, list[int]] = {}
+        self._children: dict[int, list[int]] = {}  # parent content id -> registered blocks after it
         self._next_content_id = 1
         self.num_used = 0
         self.tokens_in_used = 0
@@ -123,8 +125,9 @@ class BlockPool:
         self.tokens[block_id].extend(token_ids)
         self.tokens_in_used += len(token_ids)
 
-    def copy_tokens(self, src: int, dst: int) -> None:
-        self.tokens[dst] = list(self.tokens[src])
+    def copy_tokens(self, src: int, dst: int, count: int | None = None) -> None:
+        """Give `dst` the first `count` (default: all) token ids of `src`, as a copy-on-write does."""
+        self.tokens[dst] = self.tokens[src][:count]
         self.tokens_in_used += len(self.tokens[dst])
 
     # ----------------------------------------------------------- prefix cache
@@ -140,6 +143,21 @@ class BlockPool:
                 return block_id
         return None
 
+    def longest_child_prefix(self, parent_content_id: int, token_ids: Sequence[int]) -> tuple[int | None, int]:
+        """The registered block after `parent_content_id` whose leading tokens match most of
+        `token_ids`, and how many match: (None, 0) when none starts with `token_ids[0]`."""
+        best, best_len = None, 0
+        for block_id in self._children.get(parent_content_id, ()):
+            held = self.tokens[block_id]
+            n = 0
+            for a, b in zip(held, token_ids):
+                if a != b:
+                    break
+                n += 1
+            if n > best_len:
+                best, best_len = block_id, n
+        return best, best_len
+
     def register(self, block_id: int, block_hash: int, parent_content_id: int) -> int:
         """Make a full, computed block findable by later prompts; returns its content id."""
         existing = self.identity[block_id]
@@ -149,6 +167,7 @@ class BlockPool:
         self._next_content_id += 1
         self.identity[block_id] = CachedIdentity(block_hash, content_id, parent_content_id)
         self._by_hash.setdefault(block_hash, []).append(block_id)
+        self._children.setdefault(parent_content_id, []).append(block_id)
         return content_id
 
     def _unregister(self, block_id: int) -> None:
@@ -159,6 +178,10 @@ class BlockPool:
         bucket.remove(block_id)
         if not bucket:
             del self._by_hash[ident.block_hash]
+        siblings = self._children[ident.parent_content_id]
+        siblings.remove(block_id)
+        if not siblings:
+            del self._children[ident.parent_content_id]
         self.identity[block_id] = None
 
     def evict_all_cached(self) -> int:

@@ -162,7 +162,7 @@ class Scheduler:
                 chunk = min(budget, seq.num_tokens) if self.running else 1
                 if not self.block_manager.can_allocate(seq.token_ids, chunk):
                     break
-                hit = self.block_manager.allocate(seq.seq_id, seq.token_ids)
+                hit = self.block_manager.allocate(seq.seq_id, seq.token_ids, chunk)
                 seq.num_computed = hit
                 seq.prefix_hit_tokens += hit
             n = min(seq.num_tokens - seq.num_computed, budget)
