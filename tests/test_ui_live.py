@@ -10,6 +10,7 @@ import time
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from localchat import settings
 from localchat.ui.compare import LiveView
 from localchat.ui.live import LiveSlots
 
@@ -68,3 +69,30 @@ def test_samples_are_sent_together_and_escaped():
     state = read_states(client, slot.key, then=lambda: slots.close(slot))[-1]
     assert [s["index"] for s in state["samples"]] == [0, 1, 2]
     assert all("<script" not in s["head"] + s["tail"] and "&lt;script&gt;" in s["tail"] for s in state["samples"])
+
+
+def test_the_first_tokens_go_out_at_once_after_the_empty_frame(monkeypatch):
+    """The page connects before the engine answers (an empty state); the first tokens then go out as
+    they come, not one update interval after the empty state (stretched to 3 s here to tell them apart)."""
+    monkeypatch.setattr(settings, "UI_STREAM_INTERVAL_S", 3.0)
+    slots = LiveSlots()
+    client = TestClient(Starlette(routes=[slots.route()]))
+    slot = slots.open(LiveView(None, 1, False))
+    stamps: dict[str, float] = {}
+
+    def answer():
+        time.sleep(0.02)
+        stamps["published"] = time.monotonic()
+        slot.publish([Event(0, "first", 1)])
+        time.sleep(0.1)
+        slots.close(slot)
+
+    states = []
+    with client.stream("GET", f"/lc/live/{slot.key}") as response:
+        threading.Thread(target=answer).start()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                states.append((time.monotonic(), json.loads(line[len("data: "):])))
+    first_tokens = next(at for at, state in states if state["samples"])
+    assert states[0][1]["samples"] == []  # the empty frame came first
+    assert first_tokens - stamps["published"] < 1.5

@@ -52,6 +52,28 @@ class LiveReply:
     message_ids: dict[int, int] = field(default_factory=dict)  # sample index -> assistant message id
 
 
+class ReplyUpdates:
+    """A reply's updates (iterate: each is a list of ChatEvent, one per sample), and a short wait for
+    the first one, so a page can show the first tokens together with the reply's frame."""
+
+    def __init__(self, updates: Iterator[list[ChatEvent]], stream) -> None:
+        self._updates = updates
+        self._stream = stream
+
+    def __iter__(self) -> "ReplyUpdates":
+        return self
+
+    def __next__(self) -> list[ChatEvent]:
+        return next(self._updates)
+
+    def close(self) -> None:
+        self._updates.close()
+
+    def wait_output(self, timeout_s: float) -> bool:
+        """True once the engine has answered (a first output or an error), waiting at most `timeout_s`."""
+        return self._stream.wait_output(timeout_s)
+
+
 class ChatService:
     def __init__(self, driver: EngineClient, store: Store) -> None:
         self.driver = driver
@@ -78,12 +100,12 @@ class ChatService:
     # send, edit and regenerate check the request and start it at once, in one transaction with the
     # user message's row: a message the engine refuses (too long for the context or the KV cache, not
     # text) raises here and writes nothing. Iterate the result for the reply's updates.
-    def send(self, conversation_id: int, text: str, params: SamplingParams) -> Iterator[list[ChatEvent]]:
+    def send(self, conversation_id: int, text: str, params: SamplingParams) -> ReplyUpdates:
         """Add a user message under the current leaf and stream the assistant's reply(ies)."""
         return self._start(lambda: self._sent(conversation_id, text), params)
 
     def send_new(self, text: str, params: SamplingParams, *, title: str = "", system_prompt: str | None = None,
-                 settings: dict | None = None) -> tuple[Conversation, Iterator[list[ChatEvent]]]:
+                 settings: dict | None = None) -> tuple[Conversation, ReplyUpdates]:
         """A new conversation whose first message is `text`, and its reply: both or nothing (a refused
         message leaves no empty conversation behind)."""
         made: list[Conversation] = []
@@ -96,15 +118,15 @@ class ChatService:
         events = self._start(where, params)
         return self.store.get_conversation(made[0].id), events
 
-    def edit(self, user_message_id: int, text: str, params: SamplingParams) -> Iterator[list[ChatEvent]]:
+    def edit(self, user_message_id: int, text: str, params: SamplingParams) -> ReplyUpdates:
         """A new sibling of a user message with new text, and a reply to it."""
         return self._start(lambda: self._edited(user_message_id, text), params)
 
-    def regenerate(self, assistant_message_id: int, params: SamplingParams) -> Iterator[list[ChatEvent]]:
+    def regenerate(self, assistant_message_id: int, params: SamplingParams) -> ReplyUpdates:
         """New replies as siblings of an assistant message: the same prompt, all from cache."""
         return self._start(lambda: self._regenerated(assistant_message_id), params)
 
-    def _start(self, where, params: SamplingParams) -> Iterator[list[ChatEvent]]:
+    def _start(self, where, params: SamplingParams) -> ReplyUpdates:
         stream = None
         try:
             with self.store.transaction():
@@ -115,7 +137,7 @@ class ChatService:
                 with contextlib.suppress(EngineStopped):
                     stream.abort()
             raise
-        return self._reply(conversation_id, path, params, stream)
+        return ReplyUpdates(self._reply(conversation_id, path, params, stream), stream)
 
     # ----------------------------------------------- where a reply goes: (conversation, path to reply to)
     def _sent(self, conversation_id: int, text: str) -> tuple[int, list[Message]]:

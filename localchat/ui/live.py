@@ -105,4 +105,5 @@ class LiveSlots:
             yield f"data: {json.dumps(slot.state(), separators=(',', ':'))}\n\n"
             if slot.done:
                 return
-            await asyncio.sleep(settings.UI_STREAM_INTERVAL_S)  # at most ten updates a second
+            if slot.events:  # at most ten updates a second, but the first tokens go out as soon as they come
+                await asyncio.sleep(settings.UI_STREAM_INTERVAL_S)

@@ -20,6 +20,7 @@ from localchat.ui.live import LiveSlots
 from localchat.ui.render import title_from_message
 
 HEARTBEAT_S = 1.0  # while a reply streams, an empty update this often lets Gradio notice a closed tab
+FIRST_OUTPUT_WAIT_S = 0.2  # how long the reply's frame may wait for the engine's first tokens (_stream)
 
 
 class ReplyHandlers(Handlers):
@@ -140,11 +141,18 @@ class ReplyHandlers(Handlers):
         return conv_id, events, LiveView(None, params.n, False), params, {}
 
     def _stream(self, conv_id, events, live: LiveView, params, session: str, first: dict):
-        """Read the reply; the page follows it through its slot (localchat/ui/live.py), not Gradio."""
+        """Read the reply; the page follows it through its slot (localchat/ui/live.py), not Gradio.
+
+        The reply's frame goes out with its first tokens when the engine answers within FIRST_OUTPUT_WAIT_S
+        (a regenerate or a short new message over a cached history): the page then draws once, after the
+        engine's first step rather than during it, on the two cores they share. Otherwise (a long prompt)
+        the frame goes out then, and the tokens follow through the slot."""
         w = self.w
         slot = self.live_slots.open(live)
-        first[w.live] = live.html([], slot.key)
-        yield first
+        with_tokens = events.wait_output(FIRST_OUTPUT_WAIT_S)
+        if not with_tokens:
+            first[w.live] = live.html([], slot.key)
+            yield first
         final, stopped, failure = None, False, None
         beat = time.monotonic()
         try:
@@ -157,7 +165,11 @@ class ReplyHandlers(Handlers):
                 final = update
                 slot.publish(update)
                 now = time.monotonic()
-                if now - beat >= HEARTBEAT_S:
+                if w.live not in first:
+                    first[w.live] = live.html(update, slot.key)
+                    beat = now
+                    yield first
+                elif now - beat >= HEARTBEAT_S:
                     beat = now
                     yield {w.status: gr.skip()}  # nothing changes; Gradio notices a closed tab here
         except EXPECTED_ERRORS as exc:
@@ -166,7 +178,10 @@ class ReplyHandlers(Handlers):
             events.close()  # a stop, an error or a closed tab: ChatService aborts and keeps the text
             self.live_slots.close(slot)
         self.stop_requested.discard(session)
-        yield self._final(conv_id, final, stopped, failure, params)
+        ending = self._final(conv_id, final, stopped, failure, params)
+        # Ended before its frame was shown (stopped, or refused by the engine): the frame's other
+        # changes (the emptied message box, a new conversation's row) still go out.
+        yield ending if w.live in first else {**first, **ending}
         if failure is not None:
             raise user_error(failure)
 
