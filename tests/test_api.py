@@ -178,7 +178,9 @@ def test_same_long_prefix_is_served_from_the_cache(oa, smol_tokenizer):
     common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
     assert common > 4 * BLOCK
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached == (common // BLOCK) * BLOCK  # every full block of the shared prefix
+    assert len(a) >= (common // BLOCK + 1) * BLOCK  # the first prompt filled the block where they part
+    # every full block of the shared prefix, and the shared tokens of the block where they part
+    assert cached == common
     assert first.usage.prompt_tokens_details.cached_tokens < cached
     assert second.model_extra["timings"]["cache_n"] == cached
 
