@@ -276,9 +276,10 @@ def suite_multiturn(ctx: BenchContext, sizes: Sizes, report: Report, state: dict
     prompt = prompt_ids(tok, messages)
     on = ctx.engine(kv_cache_gb=max(sizes.kv_cache_gb / 4, 0.01), enable_prefix_cache=True)
     off = ctx.engine(kv_cache_gb=max(sizes.kv_cache_gb / 4, 0.01), enable_prefix_cache=False)
-    # Warm both so the first turn doesn't pay one-time costs.
+    # Warm both so the first turn doesn't pay one-time costs: a prompt long enough for the dense path
+    # (longer than localchat/model/native.py's NATIVE_MAX_TOKENS) as well as decode steps.
     for e in (on, off):
-        run_engine(e, [([5, 6, 7, 8], bench_params(2))])
+        run_engine(e, [(list(range(5, 5 + 96)), bench_params(2))])
     turns = []
     for k in range(sizes.multiturn_turns):
         params = bench_params(sizes.multiturn_reply_tokens)
