@@ -84,10 +84,6 @@ def clear_toasts(page) -> None:
     page.wait_for_function("() => !document.querySelector('.toast-body')")
 
 
-def setting(page, elem_id: str, value) -> None:
-    set_setting(page, elem_id, value)  # retyped if the field was still mounting
-
-
 def type_message(page, text: str) -> None:
     """The message box's value as a user would leave it; JavaScript can hold what a keyboard cannot
     type (a lone surrogate), so the value is set there and announced as input."""
@@ -140,7 +136,7 @@ def test_page_catalogue(app, page, case):
     new_chat(page)
     clear_toasts(page)
     for elem_id, value in how.get("settings", {}).items():
-        setting(page, elem_id, value)
+        set_setting(page, elem_id, value)
     before = state(app)
     type_message(page, how["text"])
     page.locator("#lc-send").click()
@@ -150,7 +146,7 @@ def test_page_catalogue(app, page, case):
     assert state(app) == before  # no row, no block, no request
     assert page.locator("#lc-input textarea").input_value() == how["text"]  # the text is still there to fix
     for elem_id in how.get("settings", {}):
-        setting(page, elem_id, DEFAULTS[elem_id])
+        set_setting(page, elem_id, DEFAULTS[elem_id])
     assert page.problems == []
 
 

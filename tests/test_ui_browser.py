@@ -121,10 +121,6 @@ def shown(page) -> list[str]:
     return page.evaluate("() => [...document.querySelectorAll('#lc-chat .lc-msg:not([hidden]) .lc-body')].map(e => e.textContent.trim())")
 
 
-def setting(page, elem_id: str, value) -> None:
-    set_setting(page, elem_id, value)  # retyped if the field was still mounting
-
-
 def replies(page) -> int:
     return page.locator("#lc-chat .lc-msg.lc-assistant").count()
 
@@ -251,7 +247,7 @@ def test_the_overview_jumps_to_a_branch(page, app):
 def test_edit_and_regenerate_in_place_make_branches(page, app):
     open_conversation(page, app)
     new_chat(page)
-    setting(page, "lc-max-tokens", 12)
+    set_setting(page, "lc-max-tokens", 12)
     send(page, "Original question")
     page.locator("#lc-chat .lc-user:not([hidden]) [data-act=edit]").click()
     editor = page.locator("#lc-chat .lc-editor textarea")
@@ -273,9 +269,9 @@ def test_edit_and_regenerate_in_place_make_branches(page, app):
 def test_compare_six_samples_and_continue_with_the_fourth(page, app):
     open_conversation(page, app)
     new_chat(page)
-    setting(page, "lc-temperature", 1.0)
-    setting(page, "lc-max-tokens", 24)
-    setting(page, "lc-n", 6)
+    set_setting(page, "lc-temperature", 1.0)
+    set_setting(page, "lc-max-tokens", 24)
+    set_setting(page, "lc-n", 6)
     send(page, "Six ways to say hello")
     cards = page.locator("#lc-compare .lc-card")
     assert cards.count() == 6
@@ -292,7 +288,7 @@ def test_compare_six_samples_and_continue_with_the_fourth(page, app):
     assert eventually(lambda: app.store.get_conversation(conv_id).current_leaf_id == fourth_id)
     shot(page, "compare_six")
 
-    setting(page, "lc-n", 1)
+    set_setting(page, "lc-n", 1)
     send(page, "Go on from the fourth")  # the conversation continues on the chosen branch
     path = app.store.current_path(conv_id)
     assert path[-3].id == fourth_id and path[-2].content == "Go on from the fourth"
@@ -310,16 +306,16 @@ def test_compare_six_samples_and_continue_with_the_fourth(page, app):
 def test_beam_search_shows_each_beams_score(page, app):
     open_conversation(page, app)
     new_chat(page)
-    setting(page, "lc-n", 1)
-    setting(page, "lc-beam", 3)
-    setting(page, "lc-max-tokens", 8)
+    set_setting(page, "lc-n", 1)
+    set_setting(page, "lc-beam", 3)
+    set_setting(page, "lc-max-tokens", 8)
     send(page, "Beam me up")
     cards = page.locator("#lc-compare .lc-card")
     assert cards.count() == 3
     assert cards.locator(".lc-group").all_inner_texts() == ["beam 1 of 3", "beam 2 of 3", "beam 3 of 3"]
     scores = [float(t.split("beam score ")[1].split(" ")[0]) for t in cards.locator(".lc-stats").all_inner_texts()]
     assert scores == sorted(scores, reverse=True)
-    setting(page, "lc-beam", 0)
+    set_setting(page, "lc-beam", 0)
     shot(page, "beam_search")
 
 
@@ -327,7 +323,7 @@ def test_beam_search_shows_each_beams_score(page, app):
 def test_statistics_under_replies_survive_a_reload(page, app):
     open_conversation(page, app)
     new_chat(page)
-    setting(page, "lc-max-tokens", 16)
+    set_setting(page, "lc-max-tokens", 16)
     send(page, "Statistics please")
     send(page, "And again")
     stats = page.locator("#lc-chat .lc-assistant:not([hidden]) .lc-stats").all_inner_texts()
@@ -349,7 +345,7 @@ def test_statistics_under_replies_survive_a_reload(page, app):
     gauge = page.locator("#lc-gauge")
     expect(gauge).to_contain_text("context:")
     expect(gauge).to_contain_text("of 512 tokens")
-    setting(page, "lc-max-tokens", 500)  # the next reply could not fit: the gauge says so before it happens
+    set_setting(page, "lc-max-tokens", 500)  # the next reply could not fit: the gauge says so before it happens
     expect(gauge).to_contain_text("may stop early")
     expect(gauge.locator(".lc-gauge")).to_have_class(re.compile(r"\blc-warn\b"))
     shot(page, "statistics_after_reload")
@@ -415,7 +411,7 @@ def test_search_by_title_and_content(page, app):
 def test_keyboard_enter_sends_shift_enter_new_line_escape_stops(page, app):
     open_conversation(page, app)
     new_chat(page)
-    setting(page, "lc-max-tokens", 8)
+    set_setting(page, "lc-max-tokens", 8)
     box = page.locator("#lc-input textarea")
     box.fill("line one")
     box.press("Shift+Enter")
@@ -426,7 +422,7 @@ def test_keyboard_enter_sends_shift_enter_new_line_escape_stops(page, app):
     conv_id = int(page.locator("#lc-chat .lc-conv").get_attribute("data-conv"))
     assert app.store.current_path(conv_id)[0].content == "line one\nline two"
 
-    setting(page, "lc-max-tokens", 450)
+    set_setting(page, "lc-max-tokens", 450)
     box.fill("Tell me a very long story")
     box.press("Enter")
     page.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
@@ -447,19 +443,19 @@ def test_settings_presets_and_the_system_prompt(page, app):
     page.locator("#lc-preset input").click()
     page.get_by_role("option", name="Precise (greedy)").click()
     page.wait_for_function("() => document.querySelector('#lc-temperature input').value === '0'")
-    setting(page, "lc-top-k", 5)
-    setting(page, "lc-min-p", 0.1)
-    setting(page, "lc-repetition-penalty", 1.2)
-    setting(page, "lc-stop-strings", "THE END")
-    setting(page, "lc-seed", 42)
-    setting(page, "lc-system", "You are terse.")
-    setting(page, "lc-preset-name", "My terse preset")
+    set_setting(page, "lc-top-k", 5)
+    set_setting(page, "lc-min-p", 0.1)
+    set_setting(page, "lc-repetition-penalty", 1.2)
+    set_setting(page, "lc-stop-strings", "THE END")
+    set_setting(page, "lc-seed", 42)
+    set_setting(page, "lc-system", "You are terse.")
+    set_setting(page, "lc-preset-name", "My terse preset")
     page.locator("#lc-preset-save").click()
     assert eventually(lambda: "My terse preset" in Presets(app.presets_path).names())
     saved = Presets(app.presets_path).get("My terse preset")  # a restart reads the same file
     assert (saved["top_k"], saved["min_p"], saved["repetition_penalty"], saved["stop"], saved["system_prompt"]) == (5, 0.1, 1.2, "THE END", "You are terse.")
-    setting(page, "lc-max-tokens", 8)
-    setting(page, "lc-repetition-penalty", 1.0)
+    set_setting(page, "lc-max-tokens", 8)
+    set_setting(page, "lc-repetition-penalty", 1.0)
     send(page, "Hello with a system prompt")
     conv = app.store.list_conversations()[0]
     assert conv.system_prompt == "You are terse."
@@ -477,9 +473,9 @@ def test_memory_panel_tells_the_story_of_a_compare_of_three(page, app):
     open_conversation(page, app)
     new_chat(page)
     page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
-    setting(page, "lc-temperature", 1.0)
-    setting(page, "lc-n", 3)
-    setting(page, "lc-max-tokens", 420)
+    set_setting(page, "lc-temperature", 1.0)
+    set_setting(page, "lc-n", 3)
+    set_setting(page, "lc-max-tokens", 420)
     history = "Here is a long shared history for three samples. " * 8
     box = page.locator("#lc-input textarea")
     box.fill(history)
@@ -529,7 +525,7 @@ def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
             pg.set_default_timeout(TIMEOUT_MS)
             open_conversation(pg, app)
             new_chat(pg)
-            setting(pg, "lc-max-tokens", 300)
+            set_setting(pg, "lc-max-tokens", 300)
         pages[0].locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
         for i, pg in enumerate(pages):
             box = pg.locator("#lc-input textarea")

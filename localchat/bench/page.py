@@ -161,7 +161,6 @@ class PageSession:
 
     def __init__(self, page) -> None:
         self.page = page
-        self.settings_open = False
         self.panel_open = False
 
     def setting(self, elem_id: str, value) -> None:
