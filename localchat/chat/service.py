@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from localchat.chat.store import Conversation, Message, ReplyWriter, Store
@@ -56,9 +56,10 @@ class ReplyUpdates:
     """A reply's updates (iterate: each is a list of ChatEvent, one per sample), and a short wait for
     the first one, so a page can show the first tokens together with the reply's frame."""
 
-    def __init__(self, updates: Iterator[list[ChatEvent]], stream) -> None:
+    def __init__(self, updates: Iterator[list[ChatEvent]], stream, forget: Callable[[], None]) -> None:
         self._updates = updates
         self._stream = stream
+        self._forget = forget  # for updates closed before they started (their own cleanup never ran)
 
     def __iter__(self) -> "ReplyUpdates":
         return self
@@ -68,6 +69,7 @@ class ReplyUpdates:
 
     def close(self) -> None:
         self._updates.close()
+        self._forget()
 
     def wait_output(self, timeout_s: float) -> bool:
         """True once the engine has answered (a first output or an error), waiting at most `timeout_s`."""
@@ -137,7 +139,12 @@ class ChatService:
                 with contextlib.suppress(EngineStopped):
                     stream.abort()
             raise
-        return ReplyUpdates(self._reply(conversation_id, path, params, stream), stream)
+        # Known as live from now on (the memory panel names its sequences by it), even while a page
+        # waits for the first output before reading the updates.
+        self.live[stream.request_id] = LiveReply(stream.request_id, conversation_id, path[-1].id, params.n,
+                                                 params.is_beam_search)
+        return ReplyUpdates(self._reply(conversation_id, path, params, stream), stream,
+                            lambda: self.live.pop(stream.request_id, None))
 
     # ----------------------------------------------- where a reply goes: (conversation, path to reply to)
     def _sent(self, conversation_id: int, text: str) -> tuple[int, list[Message]]:
@@ -215,10 +222,9 @@ class ChatService:
         """
         writers: dict[int, ReplyWriter] = {}
         model = getattr(stream, "model_name", None) or self.info.model_name  # the engine that serves this stream
-        live = LiveReply(stream.request_id, conversation_id, path[-1].id, params.n, params.is_beam_search)
+        live = self.live[stream.request_id]  # registered by _start, before anyone waits on the stream
         # Replies of one request (n samples, a beam search) share a group, so they can be compared later.
         group = uuid.uuid4().hex if params.n > 1 or params.is_beam_search else None
-        self.live[stream.request_id] = live
         final = None
         ended = "abort"  # how an unfinished reply is saved: stopped (a closed page, shutdown) or failed
         try:
