@@ -243,6 +243,8 @@ window.lcMemoryPanel = (parts) => {
     }).catch(() => {}).finally(() => { mem.busy = false; });
   }
   mem.timer = setInterval(poll, 1000);
-  return {changed: memFromServerValue, data: () => mem.data};
+  // A poll's data holds only the timeline since the previous poll; readers get the whole timeline drawn.
+  const shown = () => mem.data && {...mem.data, timeline: {now: mem.now, samples: mem.samples, events: mem.events}};
+  return {changed: memFromServerValue, data: shown};
 
 };

@@ -469,6 +469,15 @@ def test_settings_presets_and_the_system_prompt(page, app):
 
 
 # ------------------------------------------------------------------ memory panel and tabs
+THREE_TAILS_PARTED = """() => {
+  const data = window.lcMemory && window.lcMemory();
+  if (!data || data.seqs.length !== 3 || document.querySelectorAll('#lc-memory .lc-seq').length !== 3) return false;
+  const tables = data.seqs.map(s => new Set(s.blocks));
+  const holders = b => tables.filter(t => t.has(b)).length;
+  return tables.every(t => [...t].some(b => holders(b) === 1));
+}"""
+
+
 def test_memory_panel_tells_the_story_of_a_compare_of_three(page, app):
     open_conversation(page, app)
     new_chat(page)
@@ -480,7 +489,9 @@ def test_memory_panel_tells_the_story_of_a_compare_of_three(page, app):
     box = page.locator("#lc-input textarea")
     box.fill(history)
     box.press("Enter")
-    page.wait_for_function("() => document.querySelectorAll('#lc-memory .lc-seq').length === 3", timeout=TIMEOUT_MS)
+    # the panel may first draw the three samples in the instant after the fork, before each has written its
+    # first token into a block of its own: wait for the snapshot in which all three tails have parted
+    page.wait_for_function(THREE_TAILS_PARTED, timeout=TIMEOUT_MS)
     data = page.evaluate("() => window.lcMemory()")
     seqs = data["seqs"]
     assert [s["label"].rsplit(" · ", 1)[1] for s in seqs] == ["sample 1", "sample 2", "sample 3"]
@@ -490,7 +501,7 @@ def test_memory_panel_tells_the_story_of_a_compare_of_three(page, app):
     assert len(common) >= 4  # the history's full blocks, stored once for the three samples
     assert all(t - common for t in tables) and not (tables[0] - common) & (tables[1] - common)  # three diverging tails
     assert data["figures"]["sharing_savings"] > 0.2
-    assert any(e[1] == "fork" for e in data["timeline"]["events"])
+    assert any(e[1] == "fork" for e in data["timeline"]["events"]), data["timeline"]
     metas = page.locator("#lc-memory .lc-seq-meta").all_inner_texts()
     assert all(f"({len(common)} shared)" in t or "shared)" in t for t in metas)
     # hovering a shared block shows who holds it and its text
