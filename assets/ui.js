@@ -212,18 +212,27 @@
     }
     follow();
   }
+  // When the reply ends (or its stream is lost) the page asks once for the chat as saved
+  // (localchat/ui/streaming.py finish_reply); Gradio holds no event open while a reply streams.
   function followStream(key) {
     if (stream.source) stream.source.close();
     stream.key = key;
     const source = stream.source = new EventSource(`lc/live/${encodeURIComponent(key)}`);
+    let finished = false;
+    const finish = () => {
+      source.close();
+      if (finished) return;
+      finished = true;
+      if (parts.live && parts.live.trigger) parts.live.trigger('lc_finish', {key});
+    };
     source.onmessage = (e) => {
       if (stream.key !== key) return source.close();
       let state;
       try { state = JSON.parse(e.data); } catch (_) { return; }
       applySamples(state);
-      if (state.done) source.close();
+      if (state.done) finish();
     };
-    source.onerror = () => source.close();  // the reply ended (or the server went away): the chat shows it
+    source.onerror = () => { if (stream.key === key) finish(); else source.close(); };
   }
   function liveChanged() {
     const live = $('#lc-live .lc-live[data-stream]');

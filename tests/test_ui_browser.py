@@ -434,6 +434,56 @@ def test_keyboard_enter_sends_shift_enter_new_line_escape_stops(page, app):
     shot(page, "escape_stops")
 
 
+def test_a_reply_goes_on_while_the_page_shows_another_chat_and_one_at_a_time(page, app):
+    """No Gradio event stays open while a reply streams: a second send is refused with a message (the
+    box keeps its text), another conversation can be opened meanwhile without ending the reply or
+    being pulled back to it, and the reply is complete when its conversation is opened again."""
+    other = app.store.create_conversation("Another chat")
+    question = app.store.append_message(other.id, None, "user", "What is in the other chat?")
+    app.store.append_message(other.id, question.id, "assistant", "Another conversation.")
+    open_conversation(page, app)
+    new_chat(page)
+    set_setting(page, "lc-max-tokens", 450)
+    box = page.locator("#lc-input textarea")
+    box.fill("Tell me a long story")
+    box.press("Enter")
+    page.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
+    conv_id = next(c.id for c in app.store.list_conversations() if c.title == "Tell me a long story")
+    box.fill("And another one")
+    box.press("Enter")
+    page.locator(".toast-body", has_text="A reply is still being written").first.wait_for()
+    assert box.input_value() == "And another one"
+    page.locator("#lc-conversations label", has_text="Another chat").click()
+    page.locator(f'#lc-chat .lc-conv[data-conv="{other.id}"]').wait_for(state="attached")
+    assert eventually(lambda: app.store.current_path(conv_id)[-1].finish_reason not in (None, "streaming"))
+    reply = app.store.current_path(conv_id)[-1]
+    assert reply.role == "assistant" and reply.finish_reason != "abort" and reply.content, reply
+    page.wait_for_timeout(500)  # the reply's end must not bring its conversation back
+    assert page.locator("#lc-chat .lc-conv").get_attribute("data-conv") == str(other.id)
+    assert not page.locator("#lc-live .lc-live").count()
+    open_conversation(page, app, conv_id)
+    assert shown(page)[0] == "Tell me a long story" and len(shown(page)) == 2
+
+
+def test_closing_the_tab_ends_its_reply_and_keeps_the_text(browser, app):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 950})
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    open_conversation(pg, app)
+    new_chat(pg)
+    set_setting(pg, "lc-max-tokens", 480)
+    box = pg.locator("#lc-input textarea")
+    box.fill("Tell me a very long story")
+    box.press("Enter")
+    pg.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
+    conv_id = next(c.id for c in app.store.list_conversations() if c.title == "Tell me a very long story")
+    ctx.close()
+    assert eventually(lambda: app.store.current_path(conv_id)[-1].finish_reason == "abort")
+    reply = app.store.current_path(conv_id)[-1]
+    assert reply.role == "assistant" and reply.content and len(reply.token_ids) < 480
+    assert eventually(lambda: app.service.driver.call(lambda e: e.block_manager.figures().blocks_used) == 0)
+
+
 def test_settings_presets_and_the_system_prompt(page, app):
     from localchat.ui.presets import Presets
 

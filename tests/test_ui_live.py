@@ -57,7 +57,11 @@ def test_a_reply_streams_its_newest_state_until_it_is_done():
     versions = [s["version"] for s in states]
     assert versions == sorted(versions)
     assert len(states) <= elapsed / 0.1 + 2  # at most ten a second, however fast the reply grows
-    assert client.get(f"/lc/live/{slot.key}").status_code == 404  # ended: the chat shows it now
+    # ended: a page that connects late still gets the last state, until the page has shown the reply
+    late = read_states(client, slot.key)
+    assert len(late) == 1 and late[0]["done"] and late[0]["samples"] == states[-1]["samples"]
+    slots.forget(slot)
+    assert client.get(f"/lc/live/{slot.key}").status_code == 404
     assert client.get("/lc/live/not-a-key").status_code == 404
 
 

@@ -75,6 +75,12 @@ class ReplyUpdates:
         """True once the engine has answered (a first output or an error), waiting at most `timeout_s`."""
         return self._stream.wait_output(timeout_s)
 
+    def interrupt(self) -> None:
+        """End the reply from another thread than its reader's (a stop, a closed tab): the engine aborts
+        it and sends its last output, so the reader sees it end and the text so far is saved."""
+        with contextlib.suppress(EngineStopped):
+            self._stream.abort()
+
 
 class ChatService:
     def __init__(self, driver: EngineClient, store: Store) -> None:

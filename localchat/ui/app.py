@@ -78,7 +78,9 @@ def wire(demo: gr.Blocks, w: Widgets, h: ReplyHandlers) -> None:
     w.chat.lc_regen(h.regenerate_message, [w.conv_state, *w.settings], stream_out, **streaming)
     w.chat.lc_edit(h.edit_message, [w.conv_state, *w.settings], stream_out, **streaming)
     w.chat.lc_compare(h.on_compare, [w.conv_state], [w.compare], show_progress="hidden", **PRIVATE)
+    w.live.lc_finish(h.finish_reply, [w.conv_state], select_out, show_progress="hidden", **PRIVATE)
     w.stop_btn.click(h.on_stop, None, None, queue=False, **PRIVATE)
+    demo.unload(h.on_unload)  # a closed or reloaded tab ends its replies
 
     w.new_btn.click(h.on_new, [w.search_box], select_out, **PRIVATE)
     w.conv_list.input(h.on_pick, [w.conv_list, w.search_box], select_out, **PRIVATE)

@@ -55,7 +55,6 @@ class Handlers:
         self.service = service
         self.store = service.store
         self.presets = presets or Presets()
-        self.stop_requested: set[str] = set()  # session hashes whose current reply should stop
         self.w: Widgets | None = None  # set by localchat/ui/app.py once the widgets exist
         self._export_dir = Path(tempfile.mkdtemp(prefix="localchat-export-"))
 
@@ -301,10 +300,6 @@ class Handlers:
         except PresetError as exc:
             raise user_error(exc) from None
         return {self.w.preset: gr.Dropdown(choices=self.presets.names(), value=None)}
-
-    def on_stop(self, request: gr.Request):
-        """Ask this browser session's running reply to stop (it aborts and keeps what was shown)."""
-        self.stop_requested.add(self.session_of(request))
 
     # ------------------------------------------------------------ the page script's calls
     def server_switch_branch(self, arg) -> dict:

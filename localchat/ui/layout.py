@@ -124,7 +124,7 @@ def _thread(made: dict, fns: dict) -> None:
         made["chat"] = gr.HTML(conversation_html(None, [], None, context=0), elem_id="lc-chat",
                                js_on_load=_mount("chat", ("lc_edit", "lc_regen", "lc_compare")),
                                server_functions=fns.get("chat"))
-        made["live"] = gr.HTML("", elem_id="lc-live", js_on_load=_mount("live"))
+        made["live"] = gr.HTML("", elem_id="lc-live", js_on_load=_mount("live", ("lc_finish",)))
     made["compare"] = gr.HTML("", elem_id="lc-compare", js_on_load=_mount("compare"))
     made["status"] = gr.HTML("", elem_id="lc-status", apply_default_css=False, js_on_load=None)
     made["gauge"] = gr.HTML('<div class="lc-gauge"></div>', elem_id="lc-gauge", apply_default_css=False, js_on_load=None)

@@ -6,7 +6,8 @@ asking the server with a request of its own costs the browser ~4 ms more; on two
 taken from the engine. So while a reply streams, Gradio carries no updates: the handler only stores
 the newest events in a `LiveSlot` (a reference swap per engine output), and the page listens on one
 event stream of its own (`route`, /lc/live/KEY) that sends the newest state at most ten times a second,
-and at once when the first token is there. The engine never waits for the page.
+and at once when the first token is there; its last state says the reply is done. The engine never
+waits for the page.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ class LiveSlots:
         return slot
 
     def close(self, slot: LiveSlot) -> None:
+        """The reply ended: its stream sends the last state, and a page that connects late still gets it."""
+        slot.publish(done=True)
+
+    def forget(self, slot: LiveSlot) -> None:
+        """The page has shown the ended reply (or its tab is gone): the key leads nowhere from now on."""
         slot.publish(done=True)
         self._slots.pop(slot.key, None)
 

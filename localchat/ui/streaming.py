@@ -1,26 +1,49 @@
 """Replies streaming into the page: send, regenerate and edit.
 
-Each action is one generator event. Its first update clears the box and shows the user's message and
-the reply's skeleton at once; from then on the page follows the reply through a LiveSlot
-(localchat/ui/live.py) at most ten times a second, and Gradio carries nothing but a heartbeat until
-the reply ends, when the chat, the overview and the sidebar are rendered again, once. The engine never
-waits for the page: its outputs queue up (localchat/engine/driver.py) and each ask shows the newest.
+Each action is one short Gradio event: it starts the reply, clears the box and sends the user's message
+and the reply's frame, and ends. A thread of the reply's own reads the engine's outputs into a LiveSlot
+(localchat/ui/live.py) that the page follows at most ten times a second; when the reply ends the page
+asks for the chat, the overview and the sidebar once (finish_reply). Stop (a button, Escape) and a
+closed tab end the reply from their own events. The engine never waits for the page: its outputs queue
+up (localchat/engine/driver.py) and each update shows the newest.
 """
 
 from __future__ import annotations
 
-import time
+import logging
+import threading
+from dataclasses import dataclass, field
 
 import gradio as gr
 
+from localchat.chat.service import ReplyUpdates
 from localchat.chat.store import StoreError
 from localchat.ui.compare import LiveView
 from localchat.ui.handlers import EXPECTED_ERRORS, Handlers, _int_or_none, err, user_error
-from localchat.ui.live import LiveSlots
+from localchat.ui.live import LiveSlot, LiveSlots
 from localchat.ui.render import title_from_message
 
-HEARTBEAT_S = 1.0  # while a reply streams, an empty update this often lets Gradio notice a closed tab
+log = logging.getLogger(__name__)
+
 FIRST_OUTPUT_WAIT_S = 0.2  # how long the reply's frame may wait for the engine's first tokens (_stream)
+
+
+@dataclass
+class RunningReply:
+    """A reply started from the page: read by its own thread (ReplyHandlers._read) until it ends."""
+
+    slot: LiveSlot
+    events: ReplyUpdates
+    conv_id: int
+    session: str  # the browser tab that started it (Gradio's session hash)
+    params: object  # its SamplingParams
+    final: list | None = None  # the newest update: one event per sample
+    stop: bool = False  # asked to stop (the Stop button, Escape)
+    abandoned: bool = False  # its tab was closed
+    stopped: bool = False  # ended by a stop
+    failure: Exception | None = None
+    shown: threading.Event = field(default_factory=threading.Event)  # its first tokens, or its end
+    ended: threading.Event = field(default_factory=threading.Event)
 
 
 class ReplyHandlers(Handlers):
@@ -29,6 +52,7 @@ class ReplyHandlers(Handlers):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.live_slots = LiveSlots()  # the page follows them on its own route (localchat/ui/live.py)
+        self.replies: dict[str, RunningReply] = {}  # by slot key: running, or ended and not yet shown
 
     # Gradio passes the request and the event data to the parameters annotated with their types; they
     # come first here because the settings widgets' values follow as *values (render.SETTING_NAMES).
@@ -97,8 +121,9 @@ class ReplyHandlers(Handlers):
         """Check the request and start it (prepare), then stream it. The page hides a replaced reply or
         an edited message at once (assets/ui.js); if the request is refused, it is shown again."""
         session = self.session_of(request)
-        self.stop_requested.discard(session)
         try:
+            if self._running(session):
+                raise err("A reply is still being written: wait for it, or stop it (Stop or Escape) first.")
             cid, events, live, params, first = prepare()
         except gr.Error:
             if restore and conv_id is not None:
@@ -141,57 +166,100 @@ class ReplyHandlers(Handlers):
         return conv_id, events, LiveView(None, params.n, False), params, {}
 
     def _stream(self, conv_id, events, live: LiveView, params, session: str, first: dict):
-        """Read the reply; the page follows it through its slot (localchat/ui/live.py), not Gradio.
+        """Start the reply's reader and send its frame; the event then ends, and the page follows the reply
+        through its slot (localchat/ui/live.py) and asks for the final views when it ends (finish_reply).
 
-        The reply's frame goes out with its first tokens when the engine answers within FIRST_OUTPUT_WAIT_S
-        (a regenerate or a short new message over a cached history): the page then draws once, after the
-        engine's first step rather than during it, on the two cores they share. Otherwise (a long prompt)
-        the frame goes out then, and the tokens follow through the slot."""
-        w = self.w
+        Gradio keeps nothing pending while a reply streams: measured on this project's two-core machines,
+        a pending event cost the browser ~0.3 s of CPU per 2.5 s reply even with nothing drawn, taken from
+        the engine (benchmarks/NOTES.md). The frame goes out with the first tokens when the engine answers
+        within FIRST_OUTPUT_WAIT_S (a regenerate or a short message over a cached history): the page then
+        draws once, after the engine's first step rather than during it."""
         slot = self.live_slots.open(live)
-        with_tokens = events.wait_output(FIRST_OUTPUT_WAIT_S)
-        if not with_tokens:
-            first[w.live] = live.html([], slot.key)
-            yield first
-        final, stopped, failure = None, False, None
-        beat = time.monotonic()
-        try:
-            for update in events:
-                if session in self.stop_requested:
-                    stopped = True
-                    break
-                if not update:
-                    continue
-                final = update
-                slot.publish(update)
-                now = time.monotonic()
-                if w.live not in first:
-                    first[w.live] = live.html(update, slot.key)
-                    beat = now
-                    yield first
-                elif now - beat >= HEARTBEAT_S:
-                    beat = now
-                    yield {w.status: gr.skip()}  # nothing changes; Gradio notices a closed tab here
-        except EXPECTED_ERRORS as exc:
-            failure = exc
-        finally:
-            events.close()  # a stop, an error or a closed tab: ChatService aborts and keeps the text
-            self.live_slots.close(slot)
-        self.stop_requested.discard(session)
-        ending = self._final(conv_id, final, stopped, failure, params)
-        # Ended before its frame was shown (stopped, or refused by the engine): the frame's other
-        # changes (the emptied message box, a new conversation's row) still go out.
-        yield ending if w.live in first else {**first, **ending}
-        if failure is not None:
-            raise user_error(failure)
+        reply = RunningReply(slot, events, conv_id, session, params)
+        self.replies[slot.key] = reply
+        threading.Thread(target=self._read, args=(reply,), name="lc-reply", daemon=True).start()
+        reply.shown.wait(FIRST_OUTPUT_WAIT_S)
+        if reply.ended.is_set():  # stopped, refused or already written: the whole reply at once
+            self._forget(reply)
+            yield {**first, **self._final(reply)}
+            if reply.failure is not None:
+                raise user_error(reply.failure)
+            return
+        first[self.w.live] = live.html(slot.events, slot.key)
+        yield first
 
-    def _final(self, conv_id, final, stopped: bool, failure, params) -> dict:
-        w = self.w
+    def _read(self, reply: RunningReply) -> None:
+        """The reply's own thread: hands each engine output to the page's slot until the reply ends."""
+        try:
+            for update in reply.events:
+                if reply.stop or reply.abandoned:
+                    break
+                if update:
+                    reply.final = update
+                    reply.slot.publish(update)
+                    reply.shown.set()
+        except EXPECTED_ERRORS as exc:
+            reply.failure = exc
+        except Exception as exc:  # noqa: BLE001 - never a silent thread: the page shows the failure
+            log.exception("reading a reply failed")
+            reply.failure = exc
+        finally:
+            reply.events.close()  # a stop, an error or a closed tab: ChatService aborts and keeps the text
+            reply.stopped = reply.stop and not reply.abandoned
+            reply.ended.set()
+            reply.shown.set()
+            self.live_slots.close(reply.slot)
+            if reply.abandoned:
+                self._forget(reply)
+
+    def finish_reply(self, request: gr.Request, evt: gr.EventData, conv_id):
+        """The page saw its reply end (assets/ui.js): the chat, overview and sidebar are rendered again,
+        once. If the page shows another conversation now, or a newer reply streams, only the sidebar."""
+        key = (getattr(evt, "_data", None) or {}).get("key")
+        reply = self.replies.get(key) if isinstance(key, str) else None
+        if reply is None or reply.session != self.session_of(request):
+            yield {**self.views(conv_id), self.w.live: ""}
+            return
+        reply.ended.wait()  # at once, unless the page lost its stream early
+        self._forget(reply)
+        newer = any(r.session == reply.session and not r.ended.is_set() for r in list(self.replies.values()))
+        if newer or reply.conv_id != conv_id:
+            yield {self.w.conv_list: self.sidebar(conv_id)}
+        else:
+            yield self._final(reply)
+        if reply.failure is not None:
+            raise user_error(reply.failure)
+
+    def on_stop(self, request: gr.Request):
+        """Stop this browser session's running replies (each aborts and keeps what was written)."""
+        for reply in self._running(self.session_of(request)):
+            reply.stop = True
+            reply.events.interrupt()
+
+    def on_unload(self, request: gr.Request):
+        """The tab was closed or reloaded: its replies end (what they wrote is kept)."""
+        session = self.session_of(request)
+        for reply in list(self.replies.values()):
+            if reply.session == session:
+                reply.abandoned = True
+                reply.events.interrupt()
+                if reply.ended.is_set():
+                    self._forget(reply)
+
+    def _running(self, session: str) -> list[RunningReply]:
+        return [r for r in list(self.replies.values()) if r.session == session and not r.ended.is_set()]
+
+    def _forget(self, reply: RunningReply) -> None:
+        self.replies.pop(reply.slot.key, None)
+        self.live_slots.forget(reply.slot)
+
+    def _final(self, reply: RunningReply) -> dict:
+        w, final, params = self.w, reply.final, reply.params
         group = final is not None and (params.n > 1 or params.is_beam_search)
-        out = {**self.views(conv_id, compare_of=final[0].message_id if group else None), w.live: "",
-               w.conv_list: self.sidebar(conv_id)}
-        if stopped:
+        out = {**self.views(reply.conv_id, compare_of=final[0].message_id if group else None), w.live: "",
+               w.conv_list: self.sidebar(reply.conv_id)}
+        if reply.stopped:
             out[w.status] = '<p class="lc-note">Stopped: the reply so far is saved.</p>'
-        elif failure is not None:
+        elif reply.failure is not None:
             out[w.status] = '<p class="lc-note lc-error">The reply failed; what was written so far is saved.</p>'
         return out
