@@ -484,6 +484,25 @@ def test_closing_the_tab_ends_its_reply_and_keeps_the_text(browser, app):
     assert eventually(lambda: app.service.driver.call(lambda e: e.block_manager.figures().blocks_used) == 0)
 
 
+def test_a_click_leaves_no_animation_running(page, app):
+    """After a click the page asks for (almost) no animation frames: each frame costs the CPU the engine
+    runs on. Gradio's loading spinner, shown on an event's outputs, keeps a 60-frames-a-second spring loop
+    going for seconds after it is removed (measured: ~120 frames in the 2 s after "New chat"); every
+    event of the page hides it (localchat/ui/app.py), and the elapsed-time counter runs once a second
+    (assets/quiet_timers.js)."""
+    open_conversation(page, app)
+    page.wait_for_timeout(4000)  # the app's own loading spinner (before any event) has run its course
+    page.locator("#lc-new").click()
+    frames = page.evaluate("""() => new Promise((done) => {
+      let n = 0;
+      const raf = window.requestAnimationFrame, who = {};
+      window.requestAnimationFrame = (cb) => { n += 1; const k = String(cb).slice(0, 60); who[k] = (who[k] || 0) + 1; return raf(cb); };
+      setTimeout(() => { window.requestAnimationFrame = raf; done({n, who}); }, 2000);
+    })""")
+    page.locator('#lc-chat .lc-conv[data-conv=""]').wait_for(state="attached")
+    assert frames["n"] <= 10, frames
+
+
 def test_settings_presets_and_the_system_prompt(page, app):
     from localchat.ui.presets import Presets
 

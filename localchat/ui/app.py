@@ -23,6 +23,11 @@ from localchat.ui.presets import Presets  # noqa: E402
 from localchat.ui.streaming import ReplyHandlers  # noqa: E402
 
 PRIVATE = {"api_visibility": "private"}  # scripts use api.py's endpoints
+# Every event hides Gradio's loading spinner: its spring animation keeps running at 60 frames a second
+# for seconds after the spinner is removed (measured: ~120 frames in the 2 s after a click on "New
+# chat"), CPU taken from the engine on a two-core machine. The page's own events are quick, and a reply
+# shows its frame at once (tests/test_ui_browser.py::test_a_click_leaves_no_animation_running).
+QUIET = {"show_progress": "hidden", **PRIVATE}
 
 
 def _asset(name: str) -> str | None:
@@ -68,38 +73,38 @@ def wire(demo: gr.Blocks, w: Widgets, h: ReplyHandlers) -> None:
     select_out = [w.conv_state, w.conv_list, w.title_box, w.system_box, w.chat, w.overview, w.live, w.compare,
                   w.status, w.export_file]
     stream_out = [w.msg, *select_out]
-    streaming = {"show_progress": "hidden", "concurrency_limit": settings.UI_CONCURRENCY, **PRIVATE}
+    streaming = {"concurrency_limit": settings.UI_CONCURRENCY, **QUIET}
 
-    demo.load(h.on_load, None, [*select_out, w.mem_html, w.preset], **PRIVATE)
+    demo.load(h.on_load, None, [*select_out, w.mem_html, w.preset], **QUIET)
 
     for trigger in (w.send_btn.click, w.msg.submit):
         trigger(h.send_message, [w.msg, w.conv_state, w.leaf_box, w.system_box, *w.settings], stream_out, js=_leaf_into(2), **streaming)
     w.regen_btn.click(h.regenerate_last, [w.conv_state, w.leaf_box, *w.settings], stream_out, js=_leaf_into(1, hide_last=True), **streaming)
     w.chat.lc_regen(h.regenerate_message, [w.conv_state, *w.settings], stream_out, **streaming)
     w.chat.lc_edit(h.edit_message, [w.conv_state, *w.settings], stream_out, **streaming)
-    w.chat.lc_compare(h.on_compare, [w.conv_state], [w.compare], show_progress="hidden", **PRIVATE)
-    w.live.lc_finish(h.finish_reply, [w.conv_state], select_out, show_progress="hidden", **PRIVATE)
-    w.stop_btn.click(h.on_stop, None, None, queue=False, **PRIVATE)
+    w.chat.lc_compare(h.on_compare, [w.conv_state], [w.compare], **QUIET)
+    w.live.lc_finish(h.finish_reply, [w.conv_state], select_out, **QUIET)
+    w.stop_btn.click(h.on_stop, None, None, queue=False, **QUIET)
     demo.unload(h.on_unload)  # a closed or reloaded tab ends its replies
 
-    w.new_btn.click(h.on_new, [w.search_box], select_out, **PRIVATE)
-    w.conv_list.input(h.on_pick, [w.conv_list, w.search_box], select_out, **PRIVATE)
+    w.new_btn.click(h.on_new, [w.search_box], select_out, **QUIET)
+    w.conv_list.input(h.on_pick, [w.conv_list, w.search_box], select_out, **QUIET)
     # change (not input): a pasted or dropped query searches too
     w.search_box.change(h.on_search, [w.search_box, w.conv_state], [w.conv_list], trigger_mode="always_last",
-                        show_progress="hidden", **PRIVATE)
-    w.rename_btn.click(h.on_rename, [w.conv_state, w.title_box, w.search_box], [w.conv_list], **PRIVATE)
-    w.delete_btn.click(h.on_delete, [w.conv_state, w.search_box], select_out, **PRIVATE)
-    w.system_box.blur(h.on_system, [w.conv_state, w.system_box], None, **PRIVATE)
-    w.export_json_btn.click(lambda c: h.on_export(c, "json"), [w.conv_state], [w.export_file], **PRIVATE)
-    w.export_md_btn.click(lambda c: h.on_export(c, "md"), [w.conv_state], [w.export_file], **PRIVATE)
-    w.import_btn.upload(h.on_import, [w.import_btn, w.search_box], select_out, **PRIVATE)
+                        **QUIET)
+    w.rename_btn.click(h.on_rename, [w.conv_state, w.title_box, w.search_box], [w.conv_list], **QUIET)
+    w.delete_btn.click(h.on_delete, [w.conv_state, w.search_box], select_out, **QUIET)
+    w.system_box.blur(h.on_system, [w.conv_state, w.system_box], None, **QUIET)
+    w.export_json_btn.click(lambda c: h.on_export(c, "json"), [w.conv_state], [w.export_file], **QUIET)
+    w.export_md_btn.click(lambda c: h.on_export(c, "md"), [w.conv_state], [w.export_file], **QUIET)
+    w.import_btn.upload(h.on_import, [w.import_btn, w.search_box], select_out, **QUIET)
 
-    w.preset.input(h.on_preset, [w.preset], [*w.settings, w.system_box, w.preset_name], **PRIVATE)
-    w.preset_save.click(h.on_preset_save, [w.preset_name, w.system_box, *w.settings], [w.preset], **PRIVATE)
-    w.preset_delete.click(h.on_preset_delete, [w.preset], [w.preset], **PRIVATE)
+    w.preset.input(h.on_preset, [w.preset], [*w.settings, w.system_box, w.preset_name], **QUIET)
+    w.preset_save.click(h.on_preset_save, [w.preset_name, w.system_box, *w.settings], [w.preset], **QUIET)
+    w.preset_delete.click(h.on_preset_delete, [w.preset], [w.preset], **QUIET)
 
-    w.mem_acc.expand(h.memory_html, None, w.mem_html, show_progress="hidden", **PRIVATE)
-    w.mem_refresh.click(h.memory_html, None, w.mem_html, **PRIVATE)
+    w.mem_acc.expand(h.memory_html, None, w.mem_html, **QUIET)
+    w.mem_refresh.click(h.memory_html, None, w.mem_html, **QUIET)
 
 
 def _quiet_queue(demo: gr.Blocks) -> None:
