@@ -169,11 +169,13 @@ class ReplyHandlers(Handlers):
         """Start the reply's reader and send its frame; the event then ends, and the page follows the reply
         through its slot (localchat/ui/live.py) and asks for the final views when it ends (finish_reply).
 
-        Gradio keeps nothing pending while a reply streams: measured on this project's two-core machines,
-        a pending event cost the browser ~0.3 s of CPU per 2.5 s reply even with nothing drawn, taken from
-        the engine (benchmarks/NOTES.md). The frame goes out with the first tokens when the engine answers
+        Gradio holds no worker and no pending event for the reply's length: the tab can open another
+        conversation meanwhile, and a stop or a closed tab reaches the reply through events of their own
+        (on_stop, on_unload). The frame goes out with the first tokens when the engine answers
         within FIRST_OUTPUT_WAIT_S (a regenerate or a short message over a cached history): the page then
         draws once, after the engine's first step rather than during it."""
+        for done in [r for r in list(self.replies.values()) if r.session == session and r.ended.is_set()]:
+            self._forget(done)  # ended, and the tab has moved on without asking for it (its finish is harmless)
         slot = self.live_slots.open(live)
         reply = RunningReply(slot, events, conv_id, session, params)
         self.replies[slot.key] = reply
@@ -218,7 +220,9 @@ class ReplyHandlers(Handlers):
         key = (getattr(evt, "_data", None) or {}).get("key")
         reply = self.replies.get(key) if isinstance(key, str) else None
         if reply is None or reply.session != self.session_of(request):
-            yield {**self.views(conv_id), self.w.live: ""}
+            # Already shown, or not this tab's: the chat as saved, unless a newer reply is streaming.
+            running = self._running(self.session_of(request))
+            yield {self.w.conv_list: self.sidebar(conv_id)} if running else {**self.views(conv_id), self.w.live: ""}
             return
         reply.ended.wait()  # at once, unless the page lost its stream early
         self._forget(reply)
