@@ -73,21 +73,3 @@ def test_empty_message_is_rejected_and_nothing_is_saved(service):
     with pytest.raises(ValueError, match="empty"):
         only_sample(service.send(conv.id, "   ", PARAMS))
     assert service.store.current_path(conv.id) == []
-
-
-def test_a_reply_can_be_waited_for_without_taking_its_updates(service):
-    """The page waits a moment for the engine's first output, so it can draw the reply's frame with its
-    first tokens (localchat/ui/streaming.py); waiting takes nothing from the updates."""
-    from localchat.engine import RequestStream
-
-    conv = service.new_conversation()
-    updates = service.send(conv.id, "Hello there", PARAMS)
-    assert updates.wait_output(60)
-    events = only_sample(updates)
-    assert events[-1].finished and events[-1].generated_tokens == 12 and "".join(e.delta_text for e in events) == events[-1].text
-
-    class Client:  # a stream nobody answers
-        class info:
-            model_name = "none"
-
-    assert RequestStream(Client(), "nobody").wait_output(0.05) is False

@@ -135,6 +135,15 @@ def wait_replies(page, count: int) -> None:
         raise AssertionError(f"{count} replies never showed; the page showed {page_state(page)}") from exc
 
 
+def start_long_reply(page, text: str, max_tokens: int) -> None:
+    """Send `text` and wait until the reply's first tokens are on the page (it goes on writing)."""
+    set_setting(page, "lc-max-tokens", max_tokens)
+    box = page.locator("#lc-input textarea")
+    box.fill(text)
+    box.press("Enter")
+    page.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
+
+
 def page_state(page) -> dict:
     return page.evaluate("""() => ({
       conv: document.querySelector('#lc-chat .lc-conv')?.dataset.conv,
@@ -422,10 +431,7 @@ def test_keyboard_enter_sends_shift_enter_new_line_escape_stops(page, app):
     conv_id = int(page.locator("#lc-chat .lc-conv").get_attribute("data-conv"))
     assert app.store.current_path(conv_id)[0].content == "line one\nline two"
 
-    set_setting(page, "lc-max-tokens", 450)
-    box.fill("Tell me a very long story")
-    box.press("Enter")
-    page.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
+    start_long_reply(page, "Tell me a very long story", 450)
     page.keyboard.press("Escape")
     page.locator("#lc-status").get_by_text("Stopped").wait_for()
     reply = app.store.current_path(conv_id)[-1]
@@ -443,11 +449,8 @@ def test_a_reply_goes_on_while_the_page_shows_another_chat_and_one_at_a_time(pag
     app.store.append_message(other.id, question.id, "assistant", "Another conversation.")
     open_conversation(page, app)
     new_chat(page)
-    set_setting(page, "lc-max-tokens", 450)
+    start_long_reply(page, "Tell me a long story", 450)
     box = page.locator("#lc-input textarea")
-    box.fill("Tell me a long story")
-    box.press("Enter")
-    page.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
     conv_id = next(c.id for c in app.store.list_conversations() if c.title == "Tell me a long story")
     box.fill("And another one")
     box.press("Enter")
@@ -471,11 +474,7 @@ def test_closing_the_tab_ends_its_reply_and_keeps_the_text(browser, app):
     pg.set_default_timeout(TIMEOUT_MS)
     open_conversation(pg, app)
     new_chat(pg)
-    set_setting(pg, "lc-max-tokens", 480)
-    box = pg.locator("#lc-input textarea")
-    box.fill("Tell me a very long story")
-    box.press("Enter")
-    pg.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
+    start_long_reply(pg, "Tell me a very long story", 480)
     conv_id = next(c.id for c in app.store.list_conversations() if c.title == "Tell me a very long story")
     ctx.close()
     assert eventually(lambda: app.store.current_path(conv_id)[-1].finish_reason == "abort")

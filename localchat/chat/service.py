@@ -53,8 +53,8 @@ class LiveReply:
 
 
 class ReplyUpdates:
-    """A reply's updates (iterate: each is a list of ChatEvent, one per sample), and a short wait for
-    the first one, so a page can show the first tokens together with the reply's frame."""
+    """A reply's updates (iterate: each is a list of ChatEvent, one per sample); `interrupt` ends it from
+    another thread."""
 
     def __init__(self, updates: Iterator[list[ChatEvent]], stream, forget: Callable[[], None]) -> None:
         self._updates = updates
@@ -70,10 +70,6 @@ class ReplyUpdates:
     def close(self) -> None:
         self._updates.close()
         self._forget()
-
-    def wait_output(self, timeout_s: float) -> bool:
-        """True once the engine has answered (a first output or an error), waiting at most `timeout_s`."""
-        return self._stream.wait_output(timeout_s)
 
     def interrupt(self) -> None:
         """End the reply from another thread than its reader's (a stop, a closed tab): the engine aborts

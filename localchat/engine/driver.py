@@ -50,11 +50,9 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self._wake: Callable[[], None] | None = None
-        self._arrived = threading.Event()
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put(item)
-        self._arrived.set()
         wake = self._wake
         if wake is not None:
             wake()
@@ -89,11 +87,6 @@ class RequestStream:
             if item.finished:
                 self.final = item
             yield item
-
-    def wait_output(self, timeout_s: float) -> bool:
-        """Wait at most `timeout_s` for the first output (or error) to arrive; True once one has.
-        Nothing is taken from the stream."""
-        return self._arrived.wait(timeout_s)
 
     def result(self) -> RequestOutput:
         for _ in self:
