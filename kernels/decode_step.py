@@ -55,7 +55,7 @@ def library() -> ctypes.CDLL | None:
                 lib.localchat_decode_step.restype = ctypes.c_int
                 lib.localchat_decode_step.argtypes = [ctypes.POINTER(_Step)]
                 lib.localchat_step_scratch_floats.restype = ctypes.c_int64
-                lib.localchat_step_scratch_floats.argtypes = [ctypes.c_int64] * 6
+                lib.localchat_step_scratch_floats.argtypes = [ctypes.c_int64] * 8
 
             _library = native_build.load_library(SOURCE, "decode_step", setup=setup, what="the native decode step")
             _tried = True
@@ -126,13 +126,15 @@ class StepPlan:
             raise RuntimeError("the native decode step is not available")
         d = self.dims
         T = x.shape[0]
-        need = lib.localchat_step_scratch_floats(T, d["hidden"], d["heads"], d["kv_heads"], d["head_dim"], d["inter"])
+        threads = torch.get_num_threads()
+        need = lib.localchat_step_scratch_floats(T, d["hidden"], d["heads"], d["kv_heads"], d["head_dim"], d["inter"],
+                                                 len(self._layers), threads)
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.float32)
         step = _Step(len(self._layers), d["hidden"], d["heads"], d["kv_heads"], d["head_dim"], d["inter"],
                      self.eps, self.scale, ctypes.addressof(self._layers), T, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                      self.kv_bf16, self.block_size, slots.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
-                     token_table.data_ptr(), token_ctx.data_ptr(), self._scratch.data_ptr(), torch.get_num_threads())
+                     token_table.data_ptr(), token_ctx.data_ptr(), self._scratch.data_ptr(), threads)
         status = lib.localchat_decode_step(ctypes.byref(step))
         if status:
             raise ValueError(f"native decode step: {_ERRORS.get(status, status)}")

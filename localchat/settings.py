@@ -33,7 +33,7 @@ DEFAULT_HOST = "127.0.0.1"  # this machine only, unless the user asks for more
 DEFAULT_PORT = 7860
 UI_CONCURRENCY = 8  # replies the page streams at once (Gradio's queue)
 UI_MAX_SAMPLES = 8  # samples shown side by side
-UI_STREAM_INTERVAL_S = 0.1  # a streaming reply updates the page at most this often (ten a second)
+UI_STREAM_INTERVAL_S = 0.2  # a streaming reply updates the page at most this often (five a second; benchmarks/NOTES.md session 6)
 UI_QUEUE_POLL_S = 0.02  # how often the page's event queue looks for new events (localchat/ui/app.py)
 
 # ---- the OpenAI-compatible API (localchat/api/) --------------------------------------------------

@@ -5,6 +5,8 @@ caches, several block types."""
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,8 @@ from gguf.quants import quantize as gguf_quantize
 
 from conftest import skip_or_fail
 from kernels import decode_step
-from kernels.quant import QuantizedWeight
+from kernels.quant import QuantizedWeight, matmul
+from kernels.quant import library as quant_library
 
 HIDDEN, HEADS, KV_HEADS, INTER, LAYERS = 128, 6, 2, 96, 2  # GQA: 3 query heads per KV head
 EPS = 1e-5
@@ -226,3 +229,47 @@ def test_one_token_over_a_long_context_splits_positions_across_threads(kv_dtype,
     bf16 = kv_dtype == torch.bfloat16
     torch.testing.assert_close(got[0].double(), expected, atol=0.1 if bf16 else 2e-4, rtol=2e-2 if bf16 else 1e-3,
                                msg=lambda m: f"seed {seed}: {m}")
+
+
+def _chunks_debug(lib):
+    fn = lib.localchat_chunks_debug
+    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    return fn
+
+
+def test_chunks_run_twice_or_late_write_the_same_bits(monkeypatch):
+    """A phase's chunk that stays claimed is run again by a waiting thread, while its owner may still be running
+    it (csrc/quant_matmul.cpp chunks::share). Forced here for every chunk a thread waits on, with 8 threads on
+    the machine's cores (so owners are descheduled mid-chunk): outputs and caches must be bitwise those of one
+    thread, for prompt rows and decode rows, and the LM-head matmul alike."""
+    rng, hd = np.random.default_rng(5), 64
+    layers = make_layers(rng, Q.Q4_1, True, True, hd)
+    shape = (32, 16, KV_HEADS, hd)
+    x = torch.from_numpy(rng.standard_normal((5, HIDDEN)).astype(np.float32))
+    cos, sin = torch.from_numpy(rng.standard_normal((5, hd // 2)).astype(np.float32)), torch.ones(5, hd // 2)
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    slots = torch.tensor([0, 1, 2, 32, 3])
+    token_table, token_ctx = torch.tensor([0, 0, 0, 1, 0], dtype=torch.int32), torch.tensor([1, 2, 3, 1, 4], dtype=torch.int32)
+    head = qweight(rng, Q.Q8_0, 4000, HIDDEN)
+
+    def run(threads: int):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        caches = [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)) for _ in layers]
+        plan = decode_step.StepPlan(
+            [decode_step.LayerTensors(**L, k_cache=kc, v_cache=vc) for L, (kc, vc) in zip(layers, caches)],
+            hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=hd**-0.5)
+        prompt = plan.run(x[:4].clone(), cos[:4], sin[:4], slots[:4], tables, token_table[:4], token_ctx[:4])
+        decode = plan.run(x[4:].clone(), cos[4:], sin[4:], slots[4:], tables[:1], token_table[4:], token_ctx[4:])
+        logits = matmul(torch.cat([prompt, decode]), head)
+        return [prompt, decode, logits, *(c for pair in caches for c in pair)]
+
+    expected = run(1)
+    step_debug, matmul_debug = _chunks_debug(decode_step.library()), _chunks_debug(quant_library())
+    before = step_debug(0) + matmul_debug(0)
+    try:
+        for _ in range(20):
+            for want, got in zip(expected, run(8)):
+                assert torch.equal(want, got)
+    finally:
+        after = step_debug(-1) + matmul_debug(-1)
+    assert after - before > 100, "hardly any chunk ran twice: the test did not test it"

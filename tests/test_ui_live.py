@@ -1,5 +1,5 @@
-"""Following a reply from the page (localchat/ui/live.py): its own event stream, at most ten updates a
-second, the newest state each time, ending when the reply does; the engine side never waits."""
+"""Following a reply from the page (localchat/ui/live.py): its own event stream, at most one update every
+UI_STREAM_INTERVAL_S, the newest state each time, ending when the reply does; the engine side never waits."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_a_reply_streams_its_newest_state_until_it_is_done():
     def write():  # the thread reading the engine: publishes far faster than the page is sent updates
         text = ""
         for i in range(60):
-            text += f"word{i} " + ("\n\n" if i % 20 == 19 else "")
+            text += f"word{i} " + ("\n\n" if i % 7 == 6 else "")
             slot.publish([Event(0, text, i + 1)])
             time.sleep(0.01)
         slots.close(slot)
@@ -56,7 +56,7 @@ def test_a_reply_streams_its_newest_state_until_it_is_done():
     assert any(s["samples"] and s["samples"][0]["head"] and s["samples"][0]["tail"] for s in states)
     versions = [s["version"] for s in states]
     assert versions == sorted(versions)
-    assert len(states) <= elapsed / 0.1 + 2  # at most ten a second, however fast the reply grows
+    assert len(states) <= elapsed / settings.UI_STREAM_INTERVAL_S + 2  # however fast the reply grows
     # ended: a page that connects late still gets the last state, until the page has shown the reply
     late = read_states(client, slot.key)
     assert len(late) == 1 and late[0]["done"] and late[0]["samples"] == states[-1]["samples"]
@@ -100,3 +100,30 @@ def test_the_first_tokens_go_out_at_once_after_the_empty_frame(monkeypatch):
     first_tokens = next(at for at, state in states if state["samples"])
     assert states[0][1]["samples"] == []  # the empty frame came first
     assert first_tokens - stamps["published"] < 1.5
+
+
+def test_the_end_goes_out_at_once_not_an_interval_later(monkeypatch):
+    """A reply that ends just after an update is shown whole when it ends (the page's last change is the
+    reply's end, not the end plus an update interval, stretched to 3 s here to tell them apart)."""
+    monkeypatch.setattr(settings, "UI_STREAM_INTERVAL_S", 3.0)
+    slots = LiveSlots()
+    client = TestClient(Starlette(routes=[slots.route()]))
+    slot = slots.open(LiveView(None, 1, False))
+    stamps: dict[str, float] = {}
+
+    def answer():
+        slot.publish([Event(0, "first", 1)])
+        time.sleep(0.2)
+        slot.publish([Event(0, "first and last", 3)])
+        stamps["ended"] = time.monotonic()
+        slots.close(slot)
+
+    states = []
+    with client.stream("GET", f"/lc/live/{slot.key}") as response:
+        threading.Thread(target=answer).start()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                states.append((time.monotonic(), json.loads(line[len("data: "):])))
+    at, last = states[-1]
+    assert last["done"] and last["samples"][0]["tokens"] == 3
+    assert at - stamps["ended"] < 1.5

@@ -26,6 +26,8 @@
 
 #include <stdlib.h>
 
+#include <vector>
+
 namespace {
 
 struct LayerDesc {
@@ -138,11 +140,12 @@ void attend_portable(const float* q, const void* k_cache, const void* v_cache, c
             maximum = s[p] > maximum ? s[p] : maximum;
         }
         for (int64_t p = 0; p < ctx; ++p) total += (s[p] = expf(s[p] - maximum));
-        float* o = out + g * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = 0.0f;
+        // summed here and stored once: the output may be read while a late copy of this chunk runs (chunks::share)
+        static thread_local std::vector<float> acc;
+        acc.assign((size_t)d, 0.0f);
         for (int64_t p = 0; p < ctx; ++p)
-            for (int64_t i = 0; i < d; ++i) o[i] += s[p] * kv(v_cache, rows[p] + i);
-        for (int64_t i = 0; i < d; ++i) o[i] /= total;
+            for (int64_t i = 0; i < d; ++i) acc[i] += s[p] * kv(v_cache, rows[p] + i);
+        for (int64_t i = 0; i < d; ++i) out[g * d + i] = acc[i] / total;
         if (stats) stats[2 * g] = maximum, stats[2 * g + 1] = total;
     }
 }
@@ -225,45 +228,106 @@ void attend(const float* q, const void* k_cache, const void* v_cache, const int6
 
 constexpr int64_t MAX_THREADS = 64;
 // From this context on, one token's attention is split over the threads by position (attention_split):
-// below it, the extra barrier costs more than the imbalance of whole KV heads per thread.
+// below it, the extra phase costs more than the imbalance of whole KV heads per thread.
 constexpr int64_t SPLIT_CONTEXT = 256;
+constexpr int64_t PHASES_PER_LAYER = 7;  // qkv, up to three of attention, o, gate/up, down
 
-struct Buffers {
-    float *h, *qkv, *attn, *tmp, *act, *partials;
+// Each layer writes buffers of its own, and nothing is written in place: a chunk that runs late (or twice,
+// chunks::share) then reads inputs that no later phase has changed, and stores what was stored already.
+struct LayerBuffers {
+    float *qkv;       // [T, qkv_cols]: the projections as the matmul left them
+    float *ready;     // [T, qkv_cols]: q and k normed (Qwen3) and rotated, biases added
+    float *attn;      // [T, heads * head_dim]
+    float *mid;       // [T, hidden]: the residual stream after attention
+    float *act;       // [T, inter]: silu(gate) * up
+    float *out;       // [T, hidden]: the residual stream after the layer
+    float *partials;  // split attention: [kv_heads, threads] parts of group * (head_dim + 2)
 };
 
-Buffers carve(const StepDesc& s, int nt) {
-    const int64_t qkv_cols = (s.heads + 2 * s.kv_heads) * s.head_dim;
-    Buffers b;
-    b.h = s.scratch;  // one [T, hidden] block per thread
-    b.qkv = b.h + nt * s.T * s.hidden;
-    b.attn = b.qkv + s.T * qkv_cols;
-    b.tmp = b.attn + s.T * s.heads * s.head_dim;
-    b.act = b.tmp + s.T * s.hidden;
-    b.partials = b.act + s.T * 2 * s.inter;  // one token's attention split across threads: heads x (D + 2) each
-    return b;
+struct Sizes {
+    int64_t qkv_cols, layer, own;  // floats: one layer's buffers, one thread's own scratch
+};
+
+Sizes sizes_of(int64_t T, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t inter, int64_t nt) {
+    Sizes z;
+    z.qkv_cols = (heads + 2 * kv_heads) * head_dim;
+    z.layer = T * (2 * z.qkv_cols + heads * head_dim + 2 * hidden + inter) + heads * nt * (head_dim + 2);
+    z.own = T * hidden + T * std::max(2 * inter, hidden) + 2 * head_dim;
+    z.layer = (z.layer + 15) / 16 * 16;  // every buffer set starts on a cache line
+    z.own = (z.own + 15) / 16 * 16;
+    return z;
 }
 
+// The scratch: the step's input copied (the caller's x is only written at the end), then every layer's
+// buffers, then each thread's own rows (normalized input, matmul outputs before they are combined, one head).
+struct Scratch {
+    const StepDesc* s;
+    Sizes z;
+    float* x_in;
+    float* layers;
+    float* own;
+
+    LayerBuffers layer(int64_t i) const {
+        const int64_t T = s->T, d = s->head_dim;
+        LayerBuffers b;
+        b.qkv = layers + i * z.layer;
+        b.ready = b.qkv + T * z.qkv_cols;
+        b.attn = b.ready + T * z.qkv_cols;
+        b.mid = b.attn + T * s->heads * d;
+        b.act = b.mid + T * s->hidden;
+        b.out = b.act + T * s->inter;
+        b.partials = b.out + T * s->hidden;
+        return b;
+    }
+    const float* input_of(int64_t i) const { return i == 0 ? x_in : layer(i - 1).out; }
+};
+
+Scratch carve(const StepDesc& s, int nt) {
+    Scratch sc;
+    sc.s = &s;
+    sc.z = sizes_of(s.T, s.hidden, s.heads, s.kv_heads, s.head_dim, s.inter, nt);
+    sc.x_in = s.scratch;
+    sc.layers = sc.x_in + (s.T * s.hidden + 15) / 16 * 16;
+    sc.own = sc.layers + s.num_layers * sc.z.layer;
+    return sc;
+}
+
+// One thread's walk through the step's phases: every thread meets the same phases in the same order.
+struct Walk {
+    const StepDesc& s;
+    const Scratch& sc;
+    chunks::Board& board;
+    int tid, nt;
+    float *h, *tmp, *head;  // this thread's own scratch
+    int64_t phase = 0;
+
+    template <class Run>
+    void run(int n, Run&& fn) {
+        chunks::share(board.phase(phase++), n, tid, nt, fn);
+    }
+    int matmul_chunks() const { return nt * CHUNKS_PER_THREAD; }
+};
+
 // This thread's share [lo, hi) of `total` cost units.
-inline void share_of(int64_t total, int tid, int nt, int64_t* lo, int64_t* hi) {
-    *lo = (int64_t)((__int128)total * tid / nt);
-    *hi = (int64_t)((__int128)total * (tid + 1) / nt);
+inline void share_of(int64_t total, int part, int parts, int64_t* lo, int64_t* hi) {
+    *lo = (int64_t)((__int128)total * part / parts);
+    *hi = (int64_t)((__int128)total * (part + 1) / parts);
 }
 
 inline int64_t unit_of(const localchat_qweight& w, int64_t T) { return w.row_bytes + (w.cols * T) / 5 + 1; }
 
-// y[:, col(w_i) + r] = x @ W_i^T for this thread's rows of the weights, weight i's columns starting at cols[i].
-void matmul_share(const localchat_qweight* ws, const int64_t* cols, int n, const float* x, int64_t T, int64_t ldx,
-                  float* y, int64_t ldy, int tid, int nt) {
+// y[:, col(w_i) + r] = x @ W_i^T for chunk c (of n) of the weights' rows, weight i's columns starting at cols[i].
+void matmul_chunk(const localchat_qweight* ws, const int64_t* cols, int nw, const float* x, int64_t T, int64_t ldx,
+                  float* y, int64_t ldy, int c, int n) {
     int64_t total = 0, before[4], unit[4];
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; i < nw; ++i) {
         unit[i] = unit_of(ws[i], T);
         before[i] = total;
         total += unit[i] * ws[i].rows;
     }
     int64_t lo, hi;
-    share_of(total, tid, nt, &lo, &hi);
-    for (int i = 0; i < n; ++i) {
+    share_of(total, c, n, &lo, &hi);
+    for (int i = 0; i < nw; ++i) {
         int64_t r0, r1;
         rows_in(before[i], unit[i], ws[i].rows, lo, hi, &r0, &r1);
         if (r0 >= r1) continue;
@@ -273,38 +337,49 @@ void matmul_share(const localchat_qweight* ws, const int64_t* cols, int n, const
     }
 }
 
-// Bias, per-head norm and rope of token t's query heads [q0, q1) and KV heads [k0, k1), then those KV heads'
-// k and v into the cache.
-void prepare_heads(const StepDesc& s, const LayerDesc& L, const Buffers& b, int64_t t, int64_t q0, int64_t q1, int64_t k0,
-                   int64_t k1) {
-    const int64_t d = s.head_dim, q_cols = s.heads * d, kv_cols = s.kv_heads * d;
-    float* row = b.qkv + t * (q_cols + 2 * kv_cols);
+// The rows [r0, r1) of chunk c (of n) of a weight with `rows` rows of cost `unit`.
+inline void chunk_rows(int64_t unit, int64_t rows, int c, int n, int64_t* r0, int64_t* r1) {
+    int64_t lo, hi;
+    share_of(unit * rows, c, n, &lo, &hi);
+    rows_in(0, unit, rows, lo, hi, r0, r1);
+}
+
+// Bias, per-head norm and rope of token t's query heads [q0, q1) and KV heads [k0, k1) into `ready`, then those
+// KV heads' k and v into the cache. Each head is made in the thread's own `head` and stored once.
+void prepare_heads(const Walk& w, const LayerDesc& L, const LayerBuffers& lb, int64_t t, int64_t q0, int64_t q1,
+                   int64_t k0, int64_t k1) {
+    const StepDesc& s = w.s;
+    const int64_t d = s.head_dim, q_cols = s.heads * d, kv_cols = s.kv_heads * d, qkv_cols = q_cols + 2 * kv_cols;
+    const float* raw = lb.qkv + t * qkv_cols;
+    float* ready = lb.ready + t * qkv_cols;
     const float* c = s.cos + t * (d / 2);
     const float* sn = s.sin + t * (d / 2);
-    auto head = [&](float* x, const float* bias, const float* norm, bool rotate) {
+    const float* bias = L.qkv_bias;
+    auto head = [&](int64_t at, const float* norm, bool rotate) {
+        float* x = w.head;
+        memcpy(x, raw + at, (size_t)d * 4);
         if (bias)
-            for (int64_t i = 0; i < d; ++i) x[i] += bias[i];
+            for (int64_t i = 0; i < d; ++i) x[i] += bias[at + i];
         if (norm) rmsnorm(x, norm, d, s.eps, x);
         if (rotate) rope(x, c, sn, d);
+        memcpy(ready + at, x, (size_t)d * 4);
     };
-    const float* bias = L.qkv_bias;
-    for (int64_t h = q0; h < q1; ++h) head(row + h * d, bias ? bias + h * d : nullptr, L.q_norm, true);
+    for (int64_t h = q0; h < q1; ++h) head(h * d, L.q_norm, true);
     const int64_t slot = s.slots[t];
     for (int64_t h = k0; h < k1; ++h) {
-        float* k = row + q_cols + h * d;
-        float* v = row + q_cols + kv_cols + h * d;
-        head(k, bias ? bias + q_cols + h * d : nullptr, L.k_norm, true);
-        head(v, bias ? bias + q_cols + kv_cols + h * d : nullptr, nullptr, false);
+        const int64_t ka = q_cols + h * d, va = q_cols + kv_cols + h * d;
+        head(ka, L.k_norm, true);
+        head(va, nullptr, false);
         if (slot < 0) continue;
         const int64_t at = slot * kv_cols + h * d;
         if (s.kv_bf16) {
             for (int64_t i = 0; i < d; ++i) {
-                ((uint16_t*)L.k_cache)[at + i] = float_to_bf16_bits(k[i]);
-                ((uint16_t*)L.v_cache)[at + i] = float_to_bf16_bits(v[i]);
+                ((uint16_t*)L.k_cache)[at + i] = float_to_bf16_bits(ready[ka + i]);
+                ((uint16_t*)L.v_cache)[at + i] = float_to_bf16_bits(ready[va + i]);
             }
         } else {
-            memcpy((float*)L.k_cache + at, k, (size_t)d * 4);
-            memcpy((float*)L.v_cache + at, v, (size_t)d * 4);
+            memcpy((float*)L.k_cache + at, ready + ka, (size_t)d * 4);
+            memcpy((float*)L.v_cache + at, ready + va, (size_t)d * 4);
         }
     }
 }
@@ -348,127 +423,129 @@ void attend_any(const StepDesc& s, const LayerDesc& L, const float* q, const int
         attend<false>(q, L.k_cache, L.v_cache, rows, n, s.head_dim, group, s.scale, scores, out, stats);
 }
 
-void attention_phase(const StepDesc& s, const LayerDesc& L, const Buffers& b, int tid, int nt, bool prepare) {
-    const int64_t d = s.head_dim, group = s.heads / s.kv_heads;
-    const int64_t qkv_cols = (s.heads + 2 * s.kv_heads) * d;
-    int64_t max_ctx = 1;
-    for (int64_t t = 0; t < s.T; ++t) max_ctx = s.token_ctx[t] > max_ctx ? s.token_ctx[t] : max_ctx;
-    const AttnScratch w = attn_scratch(group, max_ctx);
-    for (int64_t item = tid; item < s.T * s.kv_heads; item += nt) {
-        const int64_t t = item / s.kv_heads, g = item % s.kv_heads, ctx = s.token_ctx[t];
-        if (prepare) prepare_heads(s, L, b, t, g * group, (g + 1) * group, g, g + 1);
-        position_rows(s, t, g, 0, ctx, w.rows);
-        attend_any(s, L, b.qkv + t * qkv_cols + g * group * d, w.rows, ctx, w.scores, b.attn + t * s.heads * d + g * group * d, nullptr);
-    }
+
+// Token t's attention for KV head g over all its positions.
+void attend_item(const StepDesc& s, const LayerDesc& L, const LayerBuffers& lb, int64_t t, int64_t g) {
+    const int64_t d = s.head_dim, group = s.heads / s.kv_heads, qkv_cols = (s.heads + 2 * s.kv_heads) * d;
+    const int64_t ctx = s.token_ctx[t];
+    const AttnScratch a = attn_scratch(group, ctx);
+    position_rows(s, t, g, 0, ctx, a.rows);
+    attend_any(s, L, lb.ready + t * qkv_cols + g * group * d, a.rows, ctx, a.scores, lb.attn + t * s.heads * d + g * group * d,
+               nullptr);
 }
 
-// One token over a long context: each thread takes its share of the positions of every KV head (a few KV
-// heads don't divide evenly over the threads), then the partial softmaxes are merged:
-// out = sum_p e^(m_p - M) l_p out_p / sum_p e^(m_p - M) l_p, with out_p normalized within part p.
-void attention_split(const StepDesc& s, const LayerDesc& L, const Buffers& b, int tid, int nt) {
+// One token over a long context: part p (of nt) of the positions of every KV head is its own chunk, then the
+// partial softmaxes are merged: out = sum_p e^(m_p - M) l_p out_p / sum_p e^(m_p - M) l_p, out_p normalized
+// within part p.
+void attention_split(Walk& w, const LayerDesc& L, const LayerBuffers& lb) {
+    const StepDesc& s = w.s;
+    const int nt = w.nt;
     const int64_t d = s.head_dim, group = s.heads / s.kv_heads, ctx = s.token_ctx[0];
-    for (int64_t g = tid; g < s.kv_heads; g += nt) prepare_heads(s, L, b, 0, g * group, (g + 1) * group, g, g + 1);
-#pragma omp barrier
-    const int64_t p0 = ctx * tid / nt, p1 = ctx * (tid + 1) / nt;
-    const int64_t part = group * (d + 2);  // one (KV head, thread) part: outputs then (max, sum) per head
-    if (p1 > p0) {
-        const AttnScratch w = attn_scratch(group, p1 - p0);
-        for (int64_t g = 0; g < s.kv_heads; ++g) {
-            float* out = b.partials + (g * nt + tid) * part;
-            position_rows(s, 0, g, p0, p1, w.rows);
-            attend_any(s, L, b.qkv + g * group * d, w.rows, p1 - p0, w.scores, out, out + group * d);
-        }
-    }
-#pragma omp barrier
-    for (int64_t g = tid; g < s.kv_heads; g += nt) {
+    const int64_t part = group * (d + 2);  // one (KV head, part) chunk: outputs then (max, sum) per head
+    w.run((int)s.kv_heads, [&](int g) { prepare_heads(w, L, lb, 0, g * group, (g + 1) * group, g, g + 1); });
+    w.run((int)(s.kv_heads * nt), [&](int item) {
+        const int64_t g = item / nt, p = item % nt, p0 = ctx * p / nt, p1 = ctx * (p + 1) / nt;
+        if (p1 <= p0) return;
+        const AttnScratch a = attn_scratch(group, p1 - p0);
+        float* out = lb.partials + (g * nt + p) * part;
+        position_rows(s, 0, g, p0, p1, a.rows);
+        attend_any(s, L, lb.ready + g * group * d, a.rows, p1 - p0, a.scores, out, out + group * d);
+    });
+    w.run((int)s.kv_heads, [&](int g) {
+        float* o = w.head;  // summed here, stored once
         for (int64_t i = 0; i < group; ++i) {
             float top = -INFINITY, total = 0.0f;
             for (int p = 0; p < nt; ++p)
-                if (ctx * (p + 1) / nt > ctx * p / nt) top = std::max(top, b.partials[(g * nt + p) * part + group * d + 2 * i]);
-            float* o = b.attn + (g * group + i) * d;
+                if (ctx * (p + 1) / nt > ctx * p / nt) top = std::max(top, lb.partials[(g * nt + p) * part + group * d + 2 * i]);
             for (int64_t k = 0; k < d; ++k) o[k] = 0.0f;
             for (int p = 0; p < nt; ++p) {
                 if (ctx * (p + 1) / nt <= ctx * p / nt) continue;
-                const float* src = b.partials + (g * nt + p) * part;
+                const float* src = lb.partials + (g * nt + p) * part;
                 const float weight = expf(src[group * d + 2 * i] - top) * src[group * d + 2 * i + 1];
                 total += weight;
                 for (int64_t k = 0; k < d; ++k) o[k] += weight * src[i * d + k];
             }
-            for (int64_t k = 0; k < d; ++k) o[k] /= total;
+            float* dst = lb.attn + (g * group + i) * d;
+            for (int64_t k = 0; k < d; ++k) dst[k] = o[k] / total;
         }
+    });
+}
+
+void attention(Walk& w, const LayerDesc& L, const LayerBuffers& lb) {
+    const StepDesc& s = w.s;
+    const int64_t group = s.heads / s.kv_heads;
+    if (s.T == 1 && w.nt > 1 && s.token_ctx[0] >= SPLIT_CONTEXT) {
+        attention_split(w, L, lb);
+    } else if (s.T == 1) {  // one token: each KV head stores the only K/V it reads anew, then attends
+        w.run((int)s.kv_heads, [&](int g) {
+            prepare_heads(w, L, lb, 0, g * group, (g + 1) * group, g, g + 1);
+            attend_item(s, L, lb, 0, g);
+        });
+    } else {  // tokens of one sequence read each other's new K/V: all are stored first
+        const int n = (int)(s.T * s.kv_heads);
+        w.run(n, [&](int item) {
+            const int64_t t = item / s.kv_heads, g = item % s.kv_heads;
+            prepare_heads(w, L, lb, t, g * group, (g + 1) * group, g, g + 1);
+        });
+        w.run(n, [&](int item) { attend_item(s, L, lb, item / s.kv_heads, item % s.kv_heads); });
     }
 }
 
 inline float silu(float z) { return z / (1.0f + expf(-z)); }
 
-// gate and up rows [r0, r1) for every token, then act = silu(gate) * up for those rows.
-void gate_up_share(const StepDesc& s, const LayerDesc& L, const Buffers& b, const float* h, int tid, int nt) {
-    const int64_t unit = unit_of(L.gate, s.T) + unit_of(L.up, s.T);
-    int64_t lo, hi, r0, r1;
-    share_of(unit * s.inter, tid, nt, &lo, &hi);
-    rows_in(0, unit, s.inter, lo, hi, &r0, &r1);
+// act[:, r] = silu(gate) * up for chunk c's rows r (gate and up go through this thread's own tmp first).
+void gate_up_chunk(const Walk& w, const LayerDesc& L, const LayerBuffers& lb, int c, int n) {
+    const StepDesc& s = w.s;
+    int64_t r0, r1;
+    chunk_rows(unit_of(L.gate, s.T) + unit_of(L.up, s.T), s.inter, c, n, &r0, &r1);
     if (r0 >= r1) return;
     localchat_qweight g = L.gate, u = L.up;
     g.out_col = 0;
     u.out_col = s.inter;
-    float* gu = b.act;  // [T, 2 * inter]: gate then up
-    run_rows(g, r0, r1, h, s.T, s.hidden, gu, 2 * s.inter);
-    run_rows(u, r0, r1, h, s.T, s.hidden, gu, 2 * s.inter);
+    run_rows(g, r0, r1, w.h, s.T, s.hidden, w.tmp, 2 * s.inter);
+    run_rows(u, r0, r1, w.h, s.T, s.hidden, w.tmp, 2 * s.inter);
     for (int64_t t = 0; t < s.T; ++t) {
-        float* row = gu + t * 2 * s.inter;
-        for (int64_t r = r0; r < r1; ++r) row[r] = silu(row[r]) * row[s.inter + r];
+        const float* gu = w.tmp + t * 2 * s.inter;
+        float* act = lb.act + t * s.inter;
+        for (int64_t r = r0; r < r1; ++r) act[r] = silu(gu[r]) * gu[s.inter + r];
     }
 }
 
-// x[:, r] += y[:, r] for this thread's output rows r of `w` (the rows it computed).
-void residual_share(const StepDesc& s, const localchat_qweight& w, const float* in, int64_t ldin, const Buffers& b, int tid, int nt) {
-    const int64_t unit = unit_of(w, s.T);
-    int64_t lo, hi, r0, r1;
-    share_of(unit * w.rows, tid, nt, &lo, &hi);
-    rows_in(0, unit, w.rows, lo, hi, &r0, &r1);
+// out[:, r] = base[:, r] + (in @ W^T)[:, r] for chunk c's rows r of `wt`.
+void residual_chunk(const Walk& w, const localchat_qweight& wt, const float* in, int64_t ldin, const float* base, float* out,
+                    int c, int n) {
+    const StepDesc& s = w.s;
+    int64_t r0, r1;
+    chunk_rows(unit_of(wt, s.T), wt.rows, c, n, &r0, &r1);
     if (r0 >= r1) return;
-    localchat_qweight ww = w;
+    localchat_qweight ww = wt;
     ww.out_col = 0;
-    run_rows(ww, r0, r1, in, s.T, ldin, b.tmp, s.hidden);
+    run_rows(ww, r0, r1, in, s.T, ldin, w.tmp, s.hidden);
     for (int64_t t = 0; t < s.T; ++t)
-        for (int64_t r = r0; r < r1; ++r) s.x[t * s.hidden + r] += b.tmp[t * s.hidden + r];
+        for (int64_t r = r0; r < r1; ++r) out[t * s.hidden + r] = base[t * s.hidden + r] + w.tmp[t * s.hidden + r];
 }
 
-// Every thread normalizes the rows itself (a few hundred values a token) rather than waiting at a barrier for
-// one thread to do it: on these shared 2-core machines a barrier costs a whole time slice whenever another
-// process has taken one of the cores, so a layer keeps only the barriers its data flow needs.
-void normalize_rows(const StepDesc& s, const float* w, float* h) {
-    for (int64_t t = 0; t < s.T; ++t) rmsnorm(s.x + t * s.hidden, w, s.hidden, s.eps, h + t * s.hidden);
+// Every thread normalizes the rows itself (a few hundred values a token) rather than waiting for one thread to.
+void normalize_rows(const StepDesc& s, const float* x, const float* weight, float* h) {
+    for (int64_t t = 0; t < s.T; ++t) rmsnorm(x + t * s.hidden, weight, s.hidden, s.eps, h + t * s.hidden);
 }
 
-void layer(const StepDesc& s, const LayerDesc& L, const Buffers& b, float* h, int tid, int nt) {
-    const int64_t d = s.head_dim, qkv_cols = (s.heads + 2 * s.kv_heads) * d;
-    normalize_rows(s, L.attn_norm, h);
+void layer(Walk& w, int64_t i) {
+    const StepDesc& s = w.s;
+    const LayerDesc& L = s.layers[i];
+    const LayerBuffers lb = w.sc.layer(i);
+    const float* x = w.sc.input_of(i);
+    const int n = w.matmul_chunks();
+    const int64_t d = s.head_dim, qkv_cols = w.sc.z.qkv_cols;
+    normalize_rows(s, x, L.attn_norm, w.h);
     const localchat_qweight qkv[3] = {L.q, L.k, L.v};
     const int64_t cols[3] = {0, s.heads * d, (s.heads + s.kv_heads) * d};
-    matmul_share(qkv, cols, 3, h, s.T, s.hidden, b.qkv, qkv_cols, tid, nt);
-#pragma omp barrier
-    if (s.T == 1 && nt > 1 && s.token_ctx[0] >= SPLIT_CONTEXT) {
-        attention_split(s, L, b, tid, nt);
-    } else if (s.T == 1) {
-        attention_phase(s, L, b, tid, nt, true);  // one token: each item stores the only K/V it reads anew
-    } else {
-        const int64_t group = s.heads / s.kv_heads;
-        for (int64_t item = tid; item < s.T * s.kv_heads; item += nt) {
-            const int64_t t = item / s.kv_heads, g = item % s.kv_heads;
-            prepare_heads(s, L, b, t, g * group, (g + 1) * group, g, g + 1);
-        }
-#pragma omp barrier
-        attention_phase(s, L, b, tid, nt, false);
-    }
-#pragma omp barrier
-    residual_share(s, L.o, b.attn, s.heads * d, b, tid, nt);
-#pragma omp barrier
-    normalize_rows(s, L.ffn_norm, h);
-    gate_up_share(s, L, b, h, tid, nt);
-#pragma omp barrier
-    residual_share(s, L.down, b.act, 2 * s.inter, b, tid, nt);
-#pragma omp barrier
+    w.run(n, [&](int c) { matmul_chunk(qkv, cols, 3, w.h, s.T, s.hidden, lb.qkv, qkv_cols, c, n); });
+    attention(w, L, lb);
+    w.run(n, [&](int c) { residual_chunk(w, L.o, lb.attn, s.heads * d, x, lb.mid, c, n); });
+    normalize_rows(s, lb.mid, L.ffn_norm, w.h);
+    w.run(n, [&](int c) { gate_up_chunk(w, L, lb, c, n); });
+    w.run(n, [&](int c) { residual_chunk(w, L.down, lb.act, s.inter, lb.mid, lb.out, c, n); });
 }
 
 int check_layer(const StepDesc& s, const LayerDesc& L) {
@@ -488,15 +565,17 @@ int check_layer(const StepDesc& s, const LayerDesc& L) {
 
 extern "C" {
 
-// Floats of scratch a step of T tokens needs (the normalized rows are per thread, up to MAX_THREADS).
+// Floats of scratch a step of T tokens needs on up to `num_threads` threads.
 int64_t localchat_step_scratch_floats(int64_t T, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                                      int64_t inter) {
-    return T * ((MAX_THREADS + 1) * hidden + (2 * heads + 2 * kv_heads) * head_dim + 2 * inter) +
-           MAX_THREADS * heads * (head_dim + 2);
+                                      int64_t inter, int64_t num_layers, int64_t num_threads) {
+    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(num_threads, MAX_THREADS));
+    const Sizes z = sizes_of(T, hidden, heads, kv_heads, head_dim, inter, nt);
+    return (T * hidden + 15) / 16 * 16 + num_layers * z.layer + nt * z.own;
 }
 
 // Runs every layer for the step's T tokens (see the top of this file). Returns 0, or <0 for a description
 // that doesn't fit together (-1/-2 a weight's type or shape, -3 a weight's rows, -4 a missing tensor, -5 sizes).
+// `scratch` holds localchat_step_scratch_floats(..., num_threads) floats.
 int localchat_decode_step(const StepDesc* sp) {
     const StepDesc& s = *sp;
     if (s.T <= 0) return 0;
@@ -504,13 +583,20 @@ int localchat_decode_step(const StepDesc* sp) {
     for (int64_t i = 0; i < s.num_layers; ++i)
         if (int err = check_layer(s, s.layers[i])) return err;
     const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(s.num_threads, MAX_THREADS));
-    const Buffers b = carve(s, nt);
+    const Scratch sc = carve(s, nt);
+    memcpy(sc.x_in, s.x, (size_t)(s.T * s.hidden) * 4);
+    chunks::Board& board = chunks::board();
+    board.reset(s.num_layers * PHASES_PER_LAYER,
+                std::max<int64_t>({(int64_t)nt * CHUNKS_PER_THREAD, s.T * s.kv_heads, s.kv_heads * nt}));
 #pragma omp parallel num_threads(nt)
     {
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        float* h = b.h + (int64_t)tid * s.T * s.hidden;  // this thread's normalized rows
-        for (int64_t i = 0; i < s.num_layers; ++i) layer(s, s.layers[i], b, h, tid, n);
+        const int tid = omp_get_thread_num();
+        float* own = sc.own + (int64_t)tid * sc.z.own;
+        Walk w{s, sc, board, tid, omp_get_num_threads(), own, own + s.T * s.hidden,
+               own + s.T * s.hidden + s.T * std::max(2 * s.inter, s.hidden)};
+        for (int64_t i = 0; i < s.num_layers; ++i) layer(w, i);
     }
+    if (s.num_layers > 0) memcpy(s.x, sc.layer(s.num_layers - 1).out, (size_t)(s.T * s.hidden) * 4);
     return 0;
 }
 

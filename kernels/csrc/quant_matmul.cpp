@@ -20,10 +20,12 @@
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include <algorithm>
 #include <array>
 #include <utility>
+#include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 #include <immintrin.h>
@@ -42,6 +44,106 @@ constexpr int MAX_TILE = 8;
 // Below this much work (in localchat_quant_matmul's cost units, ~bytes streamed) a call runs on the calling
 // thread: waking the team costs more than it saves.
 constexpr int64_t SERIAL_COST = 16384;
+// Chunks per thread of a parallel phase (chunks::share): enough that the last ones balance the threads
+// and that a descheduled thread's chunk is short, few enough that each stays a long run of rows.
+constexpr int CHUNKS_PER_THREAD = 4;
+
+// ---- a phase's chunks, shared by threads that may be descheduled -----------------------------------------
+// On the shared 2-core machines this project runs on, the browser drawing a reply takes one of the cores now
+// and then. A thread waiting at a barrier for the descheduled one then spins through the whole time slice, so
+// every millisecond another process runs cost the engine more than a millisecond (benchmarks/NOTES.md,
+// session 6). Instead a phase is cut into chunks, each with a state (free, claimed, done): a thread runs its
+// own chunks in order, then claims the other threads' free ones from their far end, then waits for the
+// chunks still claimed, and runs one itself when its owner has held it for much longer than a chunk takes
+// (the owner is off the CPU). So a descheduled thread holds the others up by one chunk's time at most.
+// Running a chunk twice is harmless because a chunk only stores final values into outputs of its own,
+// computed from inputs nothing changes while the call runs; the late copy stores the same bits again.
+namespace chunks {
+
+enum : int32_t { FREE = 0, CLAIMED = 1, DONE = 2 };
+constexpr int64_t STUCK_MIN_NS = 100000;  // well above a chunk's time and the scheduler's small jitters
+int64_t stuck_override = -1;              // tests: 0 runs every chunk still claimed again (localchat_chunks_debug)
+int64_t reruns = 0;                       // chunks run a second time, since the library was loaded
+
+inline int64_t now_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+inline int32_t load(const int32_t* st) { return __atomic_load_n(st, __ATOMIC_ACQUIRE); }
+
+// Claims chunk c if it is free and runs it; returns how long it took (0: not claimed).
+template <class Run>
+inline int64_t claim_and_run(int32_t* st, int c, Run& run) {
+    int32_t expected = FREE;
+    if (__atomic_load_n(st + c, __ATOMIC_RELAXED) != FREE ||
+        !__atomic_compare_exchange_n(st + c, &expected, CLAIMED, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        return 0;
+    const int64_t t0 = now_ns();
+    run(c);
+    __atomic_store_n(st + c, DONE, __ATOMIC_RELEASE);
+    return now_ns() - t0 + 1;
+}
+
+// Runs chunks [0, n) of a phase on nt threads (this is thread tid); returns once every chunk is done, so it
+// is also the phase's barrier. `st` holds n states, all FREE before the phase.
+template <class Run>
+void share(int32_t* st, int n, int tid, int nt, Run&& run) {
+    int64_t longest = 0;
+    for (int c = n * tid / nt, end = n * (tid + 1) / nt; c < end; ++c) longest = std::max(longest, claim_and_run(st, c, run));
+    for (int k = 1; k < nt; ++k) {
+        const int other = (tid + k) % nt;
+        for (int c = n * (other + 1) / nt - 1, first = n * other / nt; c >= first; --c)
+            longest = std::max(longest, claim_and_run(st, c, run));
+    }
+    const int64_t forced = __atomic_load_n(&stuck_override, __ATOMIC_RELAXED);
+    const int64_t stuck = forced >= 0 ? forced : std::max(STUCK_MIN_NS, 4 * longest);
+    for (int c = 0; c < n; ++c) {
+        if (load(st + c) == DONE) continue;
+        const int64_t since = now_ns();
+        for (int spins = 1; load(st + c) != DONE; ++spins) {
+            relax();
+            if ((forced == 0 || spins % 64 == 0) && now_ns() - since >= stuck) {
+                __atomic_fetch_add(&reruns, 1, __ATOMIC_RELAXED);
+                run(c);
+                __atomic_store_n(st + c, DONE, __ATOMIC_RELEASE);
+                break;
+            }
+        }
+    }
+}
+
+// States for `phases` phases of up to `per_phase` chunks each, all FREE; one cache line apart per phase.
+struct Board {
+    int32_t* states = nullptr;
+    int64_t stride = 0, capacity = 0;
+
+    void reset(int64_t phases, int64_t per_phase) {
+        stride = (per_phase + 15) / 16 * 16;
+        if (phases * stride > capacity) {
+            free(states);
+            capacity = phases * stride;
+            states = (int32_t*)aligned_alloc(64, (size_t)capacity * sizeof(int32_t));
+        }
+        memset(states, 0, (size_t)(phases * stride) * sizeof(int32_t));
+    }
+    int32_t* phase(int64_t i) const { return states + i * stride; }
+};
+
+// One per calling thread: engines in different threads may run steps at the same time.
+inline Board& board() {
+    static thread_local Board b;
+    return b;
+}
+
+}  // namespace chunks
 
 inline uint16_t load_u16(const uint8_t* p) {
     uint16_t v;
@@ -667,6 +769,13 @@ int localchat_quant_block(int qtype, int* qk, int* bytes) {
     return 0;
 }
 
+// Tests: how long a chunk may stay claimed before a waiting thread runs it again (ns; -1: the measured default),
+// and how many chunks were run again so far.
+int64_t localchat_chunks_debug(int64_t stuck_ns) {
+    __atomic_store_n(&chunks::stuck_override, stuck_ns, __ATOMIC_RELAXED);
+    return __atomic_load_n(&chunks::reruns, __ATOMIC_RELAXED);
+}
+
 // 1 when the AVX-512 kernels were compiled in, 0 for the portable ones.
 int localchat_quant_isa() {
 #ifdef LC_AVX512
@@ -733,8 +842,8 @@ int localchat_quant_matmul(const float* x, int64_t T, int64_t ldx, int64_t in, c
         total += unit[i] * ws[i].rows;
     }
     if (T <= 0 || total == 0) return 0;
-    auto share = [&](int tid, int nt) {
-        const int64_t lo = (int64_t)((__int128)total * tid / nt), hi = (int64_t)((__int128)total * (tid + 1) / nt);
+    auto piece = [&](int c, int pieces) {
+        const int64_t lo = (int64_t)((__int128)total * c / pieces), hi = (int64_t)((__int128)total * (c + 1) / pieces);
         for (int i = 0; i < n; ++i) {
             int64_t r0, r1;
             rows_in(before[i], unit[i], ws[i].rows, lo, hi, &r0, &r1);
@@ -742,11 +851,17 @@ int localchat_quant_matmul(const float* x, int64_t T, int64_t ldx, int64_t in, c
         }
     };
     if (num_threads <= 1 || total < SERIAL_COST) {
-        share(0, 1);
+        piece(0, 1);
         return 0;
     }
+    // Chunks of y's rows (chunks::share): a thread the scheduler takes away holds the others up by one chunk.
+    const int pieces = CHUNKS_PER_THREAD * num_threads;
+    chunks::Board& board = chunks::board();
+    board.reset(1, pieces);
 #pragma omp parallel num_threads(num_threads)
-    share(omp_get_thread_num(), omp_get_num_threads());
+    {
+        chunks::share(board.phase(0), pieces, omp_get_thread_num(), omp_get_num_threads(), [&](int c) { piece(c, pieces); });
+    }
     return 0;
 }
 

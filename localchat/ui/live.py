@@ -5,9 +5,9 @@ costs the browser ~14 ms of CPU and the server ~8 ms (its state copies, re-rende
 asking the server with a request of its own costs the browser ~4 ms more; on two cores that time is
 taken from the engine. So while a reply streams, Gradio carries no updates: the handler only stores
 the newest events in a `LiveSlot` (a reference swap per engine output), and the page listens on one
-event stream of its own (`route`, /lc/live/KEY) that sends the newest state at most ten times a second,
-and at once when the first token is there; its last state says the reply is done. The engine never
-waits for the page.
+event stream of its own (`route`, /lc/live/KEY) that sends the newest state at most five times a second
+(settings.UI_STREAM_INTERVAL_S), and at once when the first token is there and when the reply ends; its
+last state says the reply is done. The engine never waits for the page.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class LiveSlot:
         self.events: list = []
         self.version = 0
         self.done = False
-        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = set()
         self._lock = threading.Lock()
 
     def publish(self, events: list | None = None, *, done: bool = False) -> None:
@@ -44,25 +44,31 @@ class LiveSlot:
         self.done = self.done or done
         self.version += 1
         with self._lock:
-            waiters, self._waiters = self._waiters, set()
-        for loop, event in waiters:
+            woken = {w for w in self._waiters if self.done or not w[2]}
+            self._waiters -= woken
+        for loop, event, _ in woken:
             loop.call_soon_threadsafe(event.set)
 
-    async def wait_newer(self, version: int) -> None:
-        if self.version != version or self.done:
+    async def wait_newer(self, version: int, timeout: float = WAIT_S, *, done_only: bool = False) -> None:
+        """Returns when there is a state newer than `version` (with done_only: when the reply has ended), or
+        after `timeout` seconds."""
+        if self.done or (self.version != version and not done_only):
             return
         loop, event = asyncio.get_running_loop(), asyncio.Event()
+        waiter = (loop, event, done_only)
         with self._lock:
-            self._waiters.add((loop, event))
-        if self.version != version or self.done:  # published meanwhile
+            self._waiters.add(waiter)
+        if self.done or (self.version != version and not done_only):  # published meanwhile
+            with self._lock:
+                self._waiters.discard(waiter)
             return
         try:
-            await asyncio.wait_for(event.wait(), WAIT_S)
+            await asyncio.wait_for(event.wait(), timeout)
         except asyncio.TimeoutError:
             pass
         finally:
             with self._lock:
-                self._waiters.discard((loop, event))
+                self._waiters.discard(waiter)
 
     def state(self) -> dict:
         return {"version": self.version, "done": self.done, "samples": self.view.samples(self.events)}
@@ -111,5 +117,5 @@ class LiveSlots:
             yield f"data: {json.dumps(slot.state(), separators=(',', ':'))}\n\n"
             if slot.done:
                 return
-            if slot.events:  # at most ten updates a second, but the first tokens go out as soon as they come
-                await asyncio.sleep(settings.UI_STREAM_INTERVAL_S)
+            if slot.events:  # at most UI_STREAM_INTERVAL_S apart, but the first tokens and the end go out at once
+                await slot.wait_newer(version, settings.UI_STREAM_INTERVAL_S, done_only=True)

@@ -2,7 +2,7 @@
 
 Each action is one short Gradio event: it starts the reply, clears the box and sends the user's message
 and the reply's frame, and ends. A thread of the reply's own reads the engine's outputs into a LiveSlot
-(localchat/ui/live.py) that the page follows at most ten times a second; when the reply ends the page
+(localchat/ui/live.py) that the page follows at most five times a second; when the reply ends the page
 asks for the chat, the overview and the sidebar once (finish_reply). Stop (a button, Escape) and a
 closed tab end the reply from their own events. The engine never waits for the page: its outputs queue
 up (localchat/engine/driver.py) and each update shows the newest.
