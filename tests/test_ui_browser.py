@@ -502,6 +502,30 @@ def test_a_click_leaves_no_animation_running(page, app):
     assert frames["n"] <= 10, frames
 
 
+def test_a_new_chat_and_a_send_run_no_transition(page, app):
+    """New chat unselects the conversation in the sidebar, a send selects the new one and shows the reply's
+    frame while the engine computes the first tokens; nothing of it may ease in over several frames
+    (Gradio's theme gives the sidebar's labels 0.2 s colour transitions, ~11 frames each time;
+    assets/ui.css turns transitions off)."""
+    open_conversation(page, app)
+    set_setting(page, "lc-max-tokens", 16)
+    new_chat(page)
+    send(page, "Say hello.")  # a conversation selected in the sidebar
+    page.wait_for_timeout(500)
+    page.evaluate("""() => {
+      window.__lcAnims = new Set();
+      window.__lcWatch = setInterval(() => {
+        for (const a of document.getAnimations()) window.__lcAnims.add(`${a.constructor.name} ${a.transitionProperty || a.animationName} ${a.effect && a.effect.target && a.effect.target.tagName}`);
+      }, 5);
+    }""")
+    new_chat(page)
+    page.wait_for_timeout(300)
+    send(page, "Say goodbye.")
+    page.wait_for_timeout(500)
+    running = page.evaluate("() => { clearInterval(window.__lcWatch); return [...window.__lcAnims]; }")
+    assert running == []
+
+
 def test_settings_presets_and_the_system_prompt(page, app):
     from localchat.ui.presets import Presets
 
