@@ -2,7 +2,8 @@
 //
 // Why: at batch 1 a decode step of the default model is ~1,100 small torch calls, and their dispatch and the
 // Python between them cost 7-8 ms, a third of the step (benchmarks/NOTES.md). Here every layer runs inside
-// one OpenMP parallel region with barriers between its phases: the weights are read in their GGUF blocks
+// one OpenMP parallel region whose phases are shared in chunks (chunks::share in quant_matmul.cpp, in place
+// of barriers a descheduled thread would hold up): the weights are read in their GGUF blocks
 // (quant_matmul.cpp's kernels, included below), K/V are stored into and read from the paged pool through the
 // block tables, and the only Python left is one call per step. ctypes releases the GIL during the call.
 //
