@@ -20,8 +20,8 @@ class Event:
         self.index, self.text, self.generated_tokens = index, text, tokens
 
 
-def read_states(client, key: str, then=None) -> list[dict]:
-    """Every state the stream sends; `then` starts (in a thread) once the page is connected."""
+def stamped_states(client, key: str, then=None) -> list[tuple[float, dict]]:
+    """Every state the stream sends, with when it came; `then` starts (in a thread) once the page is connected."""
     states = []
     with client.stream("GET", f"/lc/live/{key}") as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
@@ -29,8 +29,12 @@ def read_states(client, key: str, then=None) -> list[dict]:
             threading.Thread(target=then).start()
         for line in response.iter_lines():
             if line.startswith("data: "):
-                states.append(json.loads(line[len("data: "):]))
+                states.append((time.monotonic(), json.loads(line[len("data: "):])))
     return states
+
+
+def read_states(client, key: str, then=None) -> list[dict]:
+    return [state for _, state in stamped_states(client, key, then)]
 
 
 def test_a_reply_streams_its_newest_state_until_it_is_done():
@@ -91,12 +95,7 @@ def test_the_first_tokens_go_out_at_once_after_the_empty_frame(monkeypatch):
         time.sleep(0.1)
         slots.close(slot)
 
-    states = []
-    with client.stream("GET", f"/lc/live/{slot.key}") as response:
-        threading.Thread(target=answer).start()
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                states.append((time.monotonic(), json.loads(line[len("data: "):])))
+    states = stamped_states(client, slot.key, then=answer)
     first_tokens = next(at for at, state in states if state["samples"])
     assert states[0][1]["samples"] == []  # the empty frame came first
     assert first_tokens - stamps["published"] < 1.5
@@ -118,12 +117,7 @@ def test_the_end_goes_out_at_once_not_an_interval_later(monkeypatch):
         stamps["ended"] = time.monotonic()
         slots.close(slot)
 
-    states = []
-    with client.stream("GET", f"/lc/live/{slot.key}") as response:
-        threading.Thread(target=answer).start()
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                states.append((time.monotonic(), json.loads(line[len("data: "):])))
+    states = stamped_states(client, slot.key, then=answer)
     at, last = states[-1]
     assert last["done"] and last["samples"][0]["tokens"] == 3
     assert at - stamps["ended"] < 1.5

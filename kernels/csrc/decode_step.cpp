@@ -309,35 +309,6 @@ struct Walk {
     int matmul_chunks() const { return nt * CHUNKS_PER_THREAD; }
 };
 
-// This thread's share [lo, hi) of `total` cost units.
-inline void share_of(int64_t total, int part, int parts, int64_t* lo, int64_t* hi) {
-    *lo = (int64_t)((__int128)total * part / parts);
-    *hi = (int64_t)((__int128)total * (part + 1) / parts);
-}
-
-inline int64_t unit_of(const localchat_qweight& w, int64_t T) { return w.row_bytes + (w.cols * T) / 5 + 1; }
-
-// y[:, col(w_i) + r] = x @ W_i^T for chunk c (of n) of the weights' rows, weight i's columns starting at cols[i].
-void matmul_chunk(const localchat_qweight* ws, const int64_t* cols, int nw, const float* x, int64_t T, int64_t ldx,
-                  float* y, int64_t ldy, int c, int n) {
-    int64_t total = 0, before[4], unit[4];
-    for (int i = 0; i < nw; ++i) {
-        unit[i] = unit_of(ws[i], T);
-        before[i] = total;
-        total += unit[i] * ws[i].rows;
-    }
-    int64_t lo, hi;
-    share_of(total, c, n, &lo, &hi);
-    for (int i = 0; i < nw; ++i) {
-        int64_t r0, r1;
-        rows_in(before[i], unit[i], ws[i].rows, lo, hi, &r0, &r1);
-        if (r0 >= r1) continue;
-        localchat_qweight w = ws[i];
-        w.out_col = cols[i];
-        run_rows(w, r0, r1, x, T, ldx, y, ldy);
-    }
-}
-
 // The rows [r0, r1) of chunk c (of n) of a weight with `rows` rows of cost `unit`.
 inline void chunk_rows(int64_t unit, int64_t rows, int c, int n, int64_t* r0, int64_t* r1) {
     int64_t lo, hi;
@@ -539,9 +510,9 @@ void layer(Walk& w, int64_t i) {
     const int n = w.matmul_chunks();
     const int64_t d = s.head_dim, qkv_cols = w.sc.z.qkv_cols;
     normalize_rows(s, x, L.attn_norm, w.h);
-    const localchat_qweight qkv[3] = {L.q, L.k, L.v};
-    const int64_t cols[3] = {0, s.heads * d, (s.heads + s.kv_heads) * d};
-    w.run(n, [&](int c) { matmul_chunk(qkv, cols, 3, w.h, s.T, s.hidden, lb.qkv, qkv_cols, c, n); });
+    localchat_qweight qkv[3] = {L.q, L.k, L.v};
+    qkv[0].out_col = 0, qkv[1].out_col = s.heads * d, qkv[2].out_col = (s.heads + s.kv_heads) * d;
+    w.run(n, [&](int c) { matmul_chunk(qkv, 3, w.h, s.T, s.hidden, lb.qkv, qkv_cols, c, n); });
     attention(w, L, lb);
     w.run(n, [&](int c) { residual_chunk(w, L.o, lb.attn, s.heads * d, x, lb.mid, c, n); });
     normalize_rows(s, lb.mid, L.ffn_norm, w.h);

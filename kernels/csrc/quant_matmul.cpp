@@ -822,6 +822,30 @@ void run_rows(const localchat_qweight& w, int64_t r0, int64_t r1, const float* x
     }
 }
 
+// ~3 bytes' time per 16 multiply-adds per x row on these cores; only the split between threads uses it.
+inline int64_t unit_of(const localchat_qweight& w, int64_t T) { return w.row_bytes + (w.cols * T) / 5 + 1; }
+
+// Part `part` [lo, hi) of `total` cost units cut into `parts`.
+inline void share_of(int64_t total, int part, int parts, int64_t* lo, int64_t* hi) {
+    *lo = (int64_t)((__int128)total * part / parts);
+    *hi = (int64_t)((__int128)total * (part + 1) / parts);
+}
+
+// y[t, w.out_col + r] = x @ W^T for the rows r of chunk c (of n) of the weights' summed cost.
+void matmul_chunk(const localchat_qweight* ws, int nw, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy,
+                  int c, int n) {
+    int64_t total = 0, before = 0, lo, hi;
+    for (int i = 0; i < nw; ++i) total += unit_of(ws[i], T) * ws[i].rows;
+    share_of(total, c, n, &lo, &hi);
+    for (int i = 0; i < nw; ++i) {
+        const int64_t unit = unit_of(ws[i], T);
+        int64_t r0, r1;
+        rows_in(before, unit, ws[i].rows, lo, hi, &r0, &r1);
+        if (r0 < r1) run_rows(ws[i], r0, r1, x, T, ldx, y, ldy);
+        before += unit * ws[i].rows;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -832,26 +856,15 @@ extern "C" {
 // Returns 0, -1 for an unsupported type, -2 for a shape that doesn't fit the type.
 int localchat_quant_matmul(const float* x, int64_t T, int64_t ldx, int64_t in, const localchat_qweight* ws, int n,
                            float* y, int64_t ldy, int num_threads) {
-    int64_t unit[64], before[64], total = 0;
+    int64_t total = 0;
     if (n <= 0 || n > 64) return -2;
     for (int i = 0; i < n; ++i) {
         if (int err = check(ws[i], in)) return err;
-        // ~3 bytes' time per 16 multiply-adds per x row on these cores; only the split between threads uses it
-        unit[i] = ws[i].row_bytes + (ws[i].cols * T) / 5 + 1;
-        before[i] = total;
-        total += unit[i] * ws[i].rows;
+        total += unit_of(ws[i], T) * ws[i].rows;
     }
     if (T <= 0 || total == 0) return 0;
-    auto piece = [&](int c, int pieces) {
-        const int64_t lo = (int64_t)((__int128)total * c / pieces), hi = (int64_t)((__int128)total * (c + 1) / pieces);
-        for (int i = 0; i < n; ++i) {
-            int64_t r0, r1;
-            rows_in(before[i], unit[i], ws[i].rows, lo, hi, &r0, &r1);
-            if (r0 < r1) run_rows(ws[i], r0, r1, x, T, ldx, y, ldy);
-        }
-    };
     if (num_threads <= 1 || total < SERIAL_COST) {
-        piece(0, 1);
+        matmul_chunk(ws, n, x, T, ldx, y, ldy, 0, 1);
         return 0;
     }
     // Chunks of y's rows (chunks::share): a thread the scheduler takes away holds the others up by one chunk.
@@ -860,7 +873,7 @@ int localchat_quant_matmul(const float* x, int64_t T, int64_t ldx, int64_t in, c
     board.reset(1, pieces);
 #pragma omp parallel num_threads(num_threads)
     {
-        chunks::share(board.phase(0), pieces, omp_get_thread_num(), omp_get_num_threads(), [&](int c) { piece(c, pieces); });
+        chunks::share(board.phase(0), pieces, omp_get_thread_num(), omp_get_num_threads(), [&](int c) { matmul_chunk(ws, n, x, T, ldx, y, ldy, c, pieces); });
     }
     return 0;
 }

@@ -52,13 +52,16 @@ class LiveSlot:
     async def wait_newer(self, version: int, timeout: float = WAIT_S, *, done_only: bool = False) -> None:
         """Returns when there is a state newer than `version` (with done_only: when the reply has ended), or
         after `timeout` seconds."""
-        if self.done or (self.version != version and not done_only):
+        def ready() -> bool:
+            return self.done or (self.version != version and not done_only)
+
+        if ready():
             return
         loop, event = asyncio.get_running_loop(), asyncio.Event()
         waiter = (loop, event, done_only)
         with self._lock:
             self._waiters.add(waiter)
-        if self.done or (self.version != version and not done_only):  # published meanwhile
+        if ready():  # published meanwhile
             with self._lock:
                 self._waiters.discard(waiter)
             return
