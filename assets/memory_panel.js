@@ -37,47 +37,86 @@ window.lcMemoryPanel = (parts) => {
     data.seqs.forEach((s, i) => { s.color = PALETTE[i % PALETTE.length]; for (const b of s.blocks) { if (!owners.has(b)) owners.set(b, []); owners.get(b).push(s); } });
     return owners;
   }
-  function figure(list, name, value, title) {
-    const box = el('div', 'lc-fig');
-    box.dataset.figure = name;
-    if (title) box.title = title;
-    box.append(el('dt', '', name), el('dd', '', String(value)));
-    list.append(box);
+  // The panel's elements are made once and then changed in place. A poll comes every second while a
+  // reply streams, and on a two-core machine what the browser spends is taken from the engine: rebuilding
+  // the whole view each time cost ~13 ms of the page's main thread a poll; now a poll sets the figures
+  // that moved and redraws a canvas only when what it shows changed (the timeline: every poll, it moves).
+  function viewOf(root) {
+    const old = $('.lc-mem-view', root);
+    if (old && old.lcView) return old.lcView;
+    const view = el('div', 'lc-mem-view');
+    const v = {title: el('div', 'lc-mem-title'), figs: el('dl', 'lc-figures'), dds: new Map(), sizes: el('p', 'lc-mib'),
+               grid: el('div', 'lc-grid-box'), canvas: el('canvas', 'lc-grid-canvas'), tip: el('div', 'lc-tip'),
+               seqs: el('div', 'lc-seqs'), tl: el('canvas', 'lc-tl-canvas'), tlLegend: el('div', 'lc-tl-legend'), drawn: {}};
+    v.sizes.dataset.figure = 'mib';
+    const legend = el('div', 'lc-legend');
+    for (const [k, label] of [['f', 'free'], ['c', 'cached (prefix cache)'], ['s', 'shared (ref > 1)']]) {
+      const item = el('span'); const sw = el('i', 'lc-swatch'); sw.style.background = STATE_COLOR[k]; item.append(sw, label); legend.append(item);
+    }
+    v.tip.hidden = true;
+    v.grid.append(v.canvas, v.tip);
+    const timeline = el('div', 'lc-timeline');
+    timeline.append(el('div', 'lc-tl-title', 'recent minutes: blocks used, cached and shared; marks: forks, copy-on-write copies, preemptions'), v.tl, v.tlLegend);
+    view.append(v.title, v.figs, v.sizes, legend, v.grid, v.seqs, timeline);
+    if (old) old.replaceWith(view); else root.append(view);
+    view.lcView = v;
+    return v;
+  }
+  const setText = (node, text) => { if (node.textContent !== text) node.textContent = text; };
+  // True when `what` differs from what part `name` last drew (and remembers it).
+  const changed = (v, name, what) => {
+    const drawn = v.drawn || (v.drawn = {});
+    if (drawn[name] === what) return false;
+    drawn[name] = what;
+    return true;
+  };
+  function figure(v, name, value, title) {
+    let dd = v.dds.get(name);
+    if (!dd) {
+      const box = el('div', 'lc-fig');
+      box.dataset.figure = name;
+      if (title) box.title = title;
+      dd = el('dd');
+      box.append(el('dt', '', name), dd);
+      v.figs.append(box);
+      v.dds.set(name, dd);
+    }
+    setText(dd, String(value));
   }
   function drawMemory() {
     const root = memRoot(), d = mem.data;
     if (!root || !d || !d.figures) return;
     const f = d.figures, p = d.peaks || {};
     const owners = ownersOf(d);
-    let view = $('.lc-mem-view', root);
-    if (!view) { view = el('div', 'lc-mem-view'); root.append(view); }
-    const summary = $('.lc-mem-summary', root);
-    if (summary) summary.hidden = true;
-    const figs = el('dl', 'lc-figures');
-    figure(figs, 'blocks_used', `${f.blocks_used} / ${f.blocks_total}`);
-    figure(figs, 'blocks_cached', f.blocks_cached);
-    figure(figs, 'blocks_free', f.blocks_free);
-    figure(figs, 'kv_utilization', pct(f.kv_utilization));
-    figure(figs, 'sharing_savings', pct(f.sharing_savings), '1 - blocks used / blocks the live sequences would need unshared');
-    figure(figs, 'cow_copies', f.cow_copies);
-    figure(figs, 'preemptions', f.preemptions);
-    figure(figs, 'prefix_hit_rate', `${pct(f.prefix_hit_rate)} (${f.prefix_hit_tokens}/${f.prompt_tokens})`);
-    figure(figs, 'sequences', f.num_sequences);
-    if (p.blocks_used_peak !== undefined) figure(figs, 'blocks_used_peak', p.blocks_used_peak);
-    if (p.sharing_savings_peak !== undefined) figure(figs, 'sharing_savings_peak', pct(p.sharing_savings_peak));
+    const v = viewOf(root);
+    for (const hide of [$('.lc-mem-summary', root), $(':scope > .lc-mem-title', root)]) if (hide && !hide.hidden) hide.hidden = true;
+    setText(v.title, d.title);
+    figure(v, 'blocks_used', `${f.blocks_used} / ${f.blocks_total}`);
+    figure(v, 'blocks_cached', f.blocks_cached);
+    figure(v, 'blocks_free', f.blocks_free);
+    figure(v, 'kv_utilization', pct(f.kv_utilization));
+    figure(v, 'sharing_savings', pct(f.sharing_savings), '1 - blocks used / blocks the live sequences would need unshared');
+    figure(v, 'cow_copies', f.cow_copies);
+    figure(v, 'preemptions', f.preemptions);
+    figure(v, 'prefix_hit_rate', `${pct(f.prefix_hit_rate)} (${f.prefix_hit_tokens}/${f.prompt_tokens})`);
+    figure(v, 'sequences', f.num_sequences);
+    if (p.blocks_used_peak !== undefined) figure(v, 'blocks_used_peak', p.blocks_used_peak);
+    if (p.sharing_savings_peak !== undefined) figure(v, 'sharing_savings_peak', pct(p.sharing_savings_peak));
     const m = d.mib || {};
-    const sizes = el('p', 'lc-mib', `pool ${mib(m.pool)} (${f.blocks_total} blocks of ${f.block_size} tokens, ${((m.block || 0) * 1024).toFixed(1)} KiB each) · used ${mib(m.used)} · cached ${mib(m.cached)} · the same sequences unshared: ${mib(m.unshared)}` + (m.unshared > m.used ? ` (sharing saves ${mib(m.unshared - m.used)})` : ''));
-    sizes.dataset.figure = 'mib';
-    const legend = el('div', 'lc-legend');
-    for (const [k, label] of [['f', 'free'], ['c', 'cached (prefix cache)'], ['s', 'shared (ref > 1)']]) {
-      const item = el('span'); const sw = el('i', 'lc-swatch'); sw.style.background = STATE_COLOR[k]; item.append(sw, label); legend.append(item);
-    }
-    const grid = el('div', 'lc-grid-box');
-    const canvas = el('canvas', 'lc-grid-canvas');
-    const tip = el('div', 'lc-tip'); tip.hidden = true;
-    grid.append(canvas, tip);
-    const seqs = el('div', 'lc-seqs');
-    if (!d.seqs.length) seqs.append(el('p', 'lc-note', 'No live sequences: every block is free or cached.'));
+    setText(v.sizes, `pool ${mib(m.pool)} (${f.blocks_total} blocks of ${f.block_size} tokens, ${((m.block || 0) * 1024).toFixed(1)} KiB each) · used ${mib(m.used)} · cached ${mib(m.cached)} · the same sequences unshared: ${mib(m.unshared)}` + (m.unshared > m.used ? ` (sharing saves ${mib(m.unshared - m.used)})` : ''));
+    const rows = d.seqs.map((s) => [s.seq, s.label, s.tokens, s.blocks.length, s.blocks.filter((x) => owners.get(x).length > 1).length]);
+    if (changed(v, 'seqs', JSON.stringify([mem.highlight, rows]))) drawSequences(v, d);
+    const width = Math.max(200, (v.grid.clientWidth || 480) - 4);  // one layout read a poll
+    const tables = d.seqs.map((s) => s.blocks.join(',')).join(';');
+    if (changed(v, 'grid', [width, mem.highlight, d.states, tables].join('|'))) drawGrid(v.canvas, v.tip, d, owners, width);
+    v.canvas.onmousemove = (e) => hover(e, v.canvas, v.tip, d, owners);  // the newest labels, drawn or not
+    v.canvas.onmouseleave = () => { v.tip.hidden = true; };
+    drawTimeline(v.tl, v.tlLegend, width);
+  }
+  function drawSequences(v, d) {
+    const list = [];
+    if (!d.seqs.length) list.push(el('p', 'lc-note', 'No live sequences: every block is free or cached.'));
+    const owners = ownersOf(d);
     for (const s of d.seqs) {
       const b = el('button', 'lc-seq' + (mem.highlight === s.seq ? ' lc-active' : ''));
       b.dataset.seq = s.seq;
@@ -85,16 +124,24 @@ window.lcMemoryPanel = (parts) => {
       const shared = s.blocks.filter((x) => owners.get(x).length > 1).length;
       b.append(sw, el('span', 'lc-seq-label', s.label), el('span', 'lc-seq-meta', `${s.tokens} tokens · ${s.blocks.length} blocks (${shared} shared)`));
       b.addEventListener('click', () => { mem.highlight = mem.highlight === s.seq ? null : s.seq; drawMemory(); });
-      seqs.append(b);
+      list.push(b);
     }
-    const timeline = el('div', 'lc-timeline');
-    const tl = el('canvas', 'lc-tl-canvas');
-    timeline.append(el('div', 'lc-tl-title', 'recent minutes: blocks used, cached and shared; marks: forks, copy-on-write copies, preemptions'), tl, el('div', 'lc-tl-legend'));
-    view.replaceChildren(el('div', 'lc-mem-title', d.title), figs, sizes, legend, grid, seqs, timeline);
-    const title = $(':scope > .lc-mem-title', root);
-    if (title) title.hidden = true;
-    drawGrid(canvas, tip, d, owners);
-    drawTimeline(tl, $('.lc-tl-legend', timeline));
+    v.seqs.replaceChildren(...list);
+  }
+  // A canvas keeps its size from poll to poll: setting it (even to the same value) drops its pixels and
+  // its backing store, so it is set only when the size changes.
+  function fitCanvas(canvas, width, height) {
+    const dpr = window.devicePixelRatio || 1;
+    const w = Math.round(width * dpr), h = Math.max(1, Math.round(height * dpr));
+    if (canvas.width !== w || canvas.height !== h) {
+      canvas.width = w; canvas.height = h;
+      canvas.style.width = width + 'px'; canvas.style.height = height + 'px';
+    }
+    const g = canvas.getContext('2d');
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    g.globalAlpha = 1;
+    g.clearRect(0, 0, width, height);
+    return g;
   }
   // One cell per block while blocks fit in GRID_HEIGHT pixels at 1 px or more; beyond that each cell
   // stands for `per` consecutive blocks and shows the busiest state among them (an aggregated grid),
@@ -106,20 +153,15 @@ window.lcMemoryPanel = (parts) => {
     return own && own.length > 1 ? STATE_COLOR.s : own ? own[0].color : STATE_COLOR.u;
   }
   const RANK = {f: 0, c: 1, u: 2};
-  function drawGrid(canvas, tip, d, owners) {
+  function drawGrid(canvas, tip, d, owners, width) {
     const n = d.states.length;
-    const width = Math.max(200, (canvas.parentElement.clientWidth || 480) - 4);
     const cell = Math.max(1, Math.min(13, Math.floor(Math.sqrt((width * GRID_HEIGHT) / Math.max(n, 1)))));
     const gap = cell >= 5 ? 1 : 0;
     const cols = Math.max(1, Math.floor(width / cell));
     const per = Math.max(1, Math.ceil(n / (cols * Math.floor(GRID_HEIGHT / cell))));
     const cells = Math.ceil(n / per), rows = Math.ceil(cells / cols);
-    const dpr = window.devicePixelRatio || 1;
-    canvas.width = cols * cell * dpr; canvas.height = Math.max(1, rows * cell * dpr);
-    canvas.style.width = cols * cell + 'px'; canvas.style.height = rows * cell + 'px';
+    const g = fitCanvas(canvas, cols * cell, rows * cell);
     Object.assign(canvas.dataset, {blocks: n, cols, cell, per});
-    const g = canvas.getContext('2d');
-    g.scale(dpr, dpr);
     const lit = mem.highlight === null ? null : new Set((d.seqs.find((s) => s.seq === mem.highlight) || {blocks: []}).blocks);
     const batches = new Map();  // colour -> cells: one fillStyle per colour, however many cells
     for (let c = 0; c < cells; c++) {
@@ -138,10 +180,9 @@ window.lcMemoryPanel = (parts) => {
       g.fillStyle = color;
       for (const c of list) g.fillRect((c % cols) * cell, Math.floor(c / cols) * cell, cell - gap, cell - gap);
     }
-    canvas.onmousemove = (e) => hover(e, canvas, tip, d, owners, cols, cell, per);
-    canvas.onmouseleave = () => { tip.hidden = true; };
   }
-  function hover(e, canvas, tip, d, owners, cols, cell, per) {
+  function hover(e, canvas, tip, d, owners) {
+    const cols = +canvas.dataset.cols, cell = +canvas.dataset.cell, per = +canvas.dataset.per;
     const r = canvas.getBoundingClientRect();
     const col = Math.floor((e.clientX - r.left) / cell), row = Math.floor((e.clientY - r.top) / cell);
     const first = (row * cols + col) * per;
@@ -175,13 +216,9 @@ window.lcMemoryPanel = (parts) => {
       }).catch(() => {});
     }, 120);
   }
-  function drawTimeline(canvas, legend) {
-    const width = Math.max(200, (canvas.parentElement.clientWidth || 480) - 4), height = 110;
-    const dpr = window.devicePixelRatio || 1;
-    canvas.width = width * dpr; canvas.height = height * dpr;
-    canvas.style.width = width + 'px'; canvas.style.height = height + 'px';
-    const g = canvas.getContext('2d');
-    g.scale(dpr, dpr);
+  function drawTimeline(canvas, legend, width) {
+    const height = 110;
+    const g = fitCanvas(canvas, width, height);
     const samples = mem.samples, events = mem.events;
     // The last five minutes at most; a younger history fills the width (30 s at least).
     const now = mem.now, span = samples.length ? Math.min(300, Math.max(30, now - samples[0][0])) : 300;
@@ -216,6 +253,7 @@ window.lcMemoryPanel = (parts) => {
     g.fillStyle = '#667'; g.font = '10px sans-serif';
     g.fillText(String(peak), 2, top + 8); g.fillText(span >= 120 ? `-${Math.round(span / 60)} min` : `-${Math.round(span)} s`, 2, height - 2);
     g.fillText('now', width - 22, height - 2);
+    if (!changed(legend, 'counts', JSON.stringify(counts))) return;
     legend.replaceChildren();
     const item = (color, text) => { const s = el('span'); const sw = el('i', 'lc-swatch'); sw.style.background = color; s.append(sw, text); legend.append(s); };
     item(STATE_COLOR.u, 'used'); item(STATE_COLOR.c, 'cached'); item(STATE_COLOR.s, 'shared');

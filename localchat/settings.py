@@ -34,7 +34,8 @@ DEFAULT_PORT = 7860
 UI_CONCURRENCY = 8  # replies the page streams at once (Gradio's queue)
 UI_MAX_SAMPLES = 8  # samples shown side by side
 UI_STREAM_INTERVAL_S = 0.2  # a streaming reply updates the page at most this often (five a second; benchmarks/NOTES.md session 6)
-UI_QUEUE_POLL_S = 0.02  # how often the page's event queue looks for new events (localchat/ui/app.py)
+UI_QUEUE_IDLE_S = 0.5  # the page's event queue waits for work, and looks anyway after this long (localchat/ui/quiet_queue.py)
+UI_QUEUE_POLL_S = 0.02  # how often it looks for new events where Gradio's queue cannot be woken instead
 
 # ---- the OpenAI-compatible API (localchat/api/) --------------------------------------------------
 DEFAULT_API_PORT = 8000  # `localchat serve`; the app serves the API on the page's port

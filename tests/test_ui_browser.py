@@ -620,6 +620,31 @@ def test_memory_panel_tells_the_story_of_a_compare_of_three(page, app):
     shot(page, "memory_after_compare_of_three")
 
 
+def test_a_poll_changes_the_panel_in_place(page, app):
+    """The panel polls once a second, also while a reply streams: a poll sets what changed in the elements
+    already there, and an idle pool's grid is not drawn again (a pixel painted on it survives)."""
+    open_conversation(page, app)
+    new_chat(page)
+    set_setting(page, "lc-max-tokens", 8)
+    send(page, "Fill a few blocks")
+    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    page.wait_for_function("() => window.lcMemory() && window.lcMemory().seqs.length === 0", timeout=TIMEOUT_MS)
+    page.evaluate("""() => {
+      const q = (sel) => document.querySelector('#lc-memory ' + sel);
+      window.__panel = {grid: q('.lc-grid-canvas'), timeline: q('.lc-tl-canvas'), used: q('[data-figure=blocks_used] dd'), now: window.lcMemory().timeline.now};
+      const g = window.__panel.grid.getContext('2d');
+      g.setTransform(1, 0, 0, 1, 0, 0); g.globalAlpha = 1; g.fillStyle = 'rgb(1, 2, 3)'; g.fillRect(0, 0, 1, 1);
+    }""")
+    page.wait_for_function("() => window.lcMemory().timeline.now > window.__panel.now + 1.5", timeout=TIMEOUT_MS)  # two polls later
+    kept = page.evaluate("""() => {
+      const q = (sel) => document.querySelector('#lc-memory ' + sel), was = window.__panel;
+      return {grid: q('.lc-grid-canvas') === was.grid, timeline: q('.lc-tl-canvas') === was.timeline,
+              used: q('[data-figure=blocks_used] dd') === was.used,
+              pixel: [...was.grid.getContext('2d').getImageData(0, 0, 1, 1).data]};
+    }""")
+    assert kept == {"grid": True, "timeline": True, "used": True, "pixel": [1, 2, 3, 255]}, kept
+
+
 def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
     contexts = [browser.new_context(viewport={"width": 1400, "height": 950}) for _ in range(2)]
     try:

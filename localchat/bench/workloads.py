@@ -39,7 +39,7 @@ class Sizes:
     # The page (localchat/bench/page.py): one greedy reply of page_tokens in the page and in `generate`,
     # page_repeats times each; regenerate with a history of page_history_tokens.
     page_tokens: int = 256
-    page_repeats: int = 3
+    page_repeats: int = 5
     page_history_tokens: int = 1500
 
     @classmethod

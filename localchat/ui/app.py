@@ -20,6 +20,7 @@ from localchat.ui.api import register_api  # noqa: E402
 from localchat.ui.layout import Widgets, build_layout  # noqa: E402
 from localchat.ui.model_picker import ModelPicker, wire_model_picker  # noqa: E402
 from localchat.ui.presets import Presets  # noqa: E402
+from localchat.ui.quiet_queue import quiet_queue  # noqa: E402
 from localchat.ui.streaming import ReplyHandlers  # noqa: E402
 
 PRIVATE = {"api_visibility": "private"}  # scripts use api.py's endpoints
@@ -107,16 +108,6 @@ def wire(demo: gr.Blocks, w: Widgets, h: ReplyHandlers) -> None:
     w.mem_refresh.click(h.memory_html, None, w.mem_html, **QUIET)
 
 
-def _quiet_queue(demo: gr.Blocks) -> None:
-    """Gradio's queue looks for new events every millisecond, even when there are none: measured here
-    (an idle page, this machine), 3-5% of a core taken from the engine's threads. Every 20 ms is
-    still unnoticeable to a person (an event starts at most 20 ms later); progress bars are unused."""
-    queue = getattr(demo, "_queue", None)
-    if queue is not None and hasattr(queue, "sleep_when_free"):
-        queue.sleep_when_free = max(queue.sleep_when_free, settings.UI_QUEUE_POLL_S)
-        queue.progress_update_sleep_when_free = max(getattr(queue, "progress_update_sleep_when_free", 0.0), 0.1)
-
-
 def _early_scripts() -> list:
     """assets/quiet_timers.js at the very top of the page's HTML (localchat/ui/early_script.py says why
     it cannot go in Gradio's `head`)."""
@@ -133,7 +124,7 @@ def launch(demo: gr.Blocks, *, host: str = settings.DEFAULT_HOST, port: int | No
     """Start the server; theme, CSS and JS go to launch() in Gradio 6. `routes` (Starlette routes, e.g.
     the OpenAI API's) are served on the same port, ahead of the page's own; `auth` guards the page."""
     demo.queue(default_concurrency_limit=settings.UI_CONCURRENCY)
-    _quiet_queue(demo)
+    quiet_queue(demo)
     return demo.launch(
         server_name=host,
         server_port=port,
