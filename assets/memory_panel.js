@@ -105,7 +105,7 @@ window.lcMemoryPanel = (parts) => {
     const m = d.mib || {};
     setText(v.sizes, `pool ${mib(m.pool)} (${f.blocks_total} blocks of ${f.block_size} tokens, ${((m.block || 0) * 1024).toFixed(1)} KiB each) · used ${mib(m.used)} · cached ${mib(m.cached)} · the same sequences unshared: ${mib(m.unshared)}` + (m.unshared > m.used ? ` (sharing saves ${mib(m.unshared - m.used)})` : ''));
     const rows = d.seqs.map((s) => [s.seq, s.label, s.tokens, s.blocks.length, s.blocks.filter((x) => owners.get(x).length > 1).length]);
-    if (changed(v, 'seqs', JSON.stringify([mem.highlight, rows]))) drawSequences(v, d);
+    if (changed(v, 'seqs', JSON.stringify([mem.highlight, rows]))) drawSequences(v, d, owners);
     const width = Math.max(200, (v.grid.clientWidth || 480) - 4);  // one layout read a poll
     const tables = d.seqs.map((s) => s.blocks.join(',')).join(';');
     if (changed(v, 'grid', [width, mem.highlight, d.states, tables].join('|'))) drawGrid(v.canvas, v.tip, d, owners, width);
@@ -113,10 +113,9 @@ window.lcMemoryPanel = (parts) => {
     v.canvas.onmouseleave = () => { v.tip.hidden = true; };
     drawTimeline(v.tl, v.tlLegend, width);
   }
-  function drawSequences(v, d) {
+  function drawSequences(v, d, owners) {
     const list = [];
     if (!d.seqs.length) list.push(el('p', 'lc-note', 'No live sequences: every block is free or cached.'));
-    const owners = ownersOf(d);
     for (const s of d.seqs) {
       const b = el('button', 'lc-seq' + (mem.highlight === s.seq ? ' lc-active' : ''));
       b.dataset.seq = s.seq;
