@@ -629,6 +629,10 @@ def test_a_poll_changes_the_panel_in_place(page, app):
     send(page, "Fill a few blocks")
     page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
     page.wait_for_function("() => window.lcMemory() && window.lcMemory().seqs.length === 0", timeout=TIMEOUT_MS)
+    # one more poll first: the panel's first draw may come before the column settles (a scrollbar appears), and
+    # a grid whose width changed is rightly drawn again
+    page.evaluate("() => { window.__settle = window.lcMemory().timeline.now; }")
+    page.wait_for_function("() => window.lcMemory().timeline.now > window.__settle + 0.5", timeout=TIMEOUT_MS)
     page.evaluate("""() => {
       const q = (sel) => document.querySelector('#lc-memory ' + sel);
       window.__panel = {grid: q('.lc-grid-canvas'), timeline: q('.lc-tl-canvas'), used: q('[data-figure=blocks_used] dd'), now: window.lcMemory().timeline.now};
