@@ -42,8 +42,8 @@ window.lcMemoryPanel = (parts) => {
   // the whole view each time cost ~13 ms of the page's main thread a poll; now a poll sets the figures
   // that moved and redraws a canvas only when what it shows changed (the timeline: every poll, it moves).
   function viewOf(root) {
-    const old = $('.lc-mem-view', root);
-    if (old && old.lcView) return old.lcView;
+    const made = $('.lc-mem-view', root);  // gone whenever the server sends the panel's HTML again
+    if (made) return made.lcView;
     const view = el('div', 'lc-mem-view');
     const v = {title: el('div', 'lc-mem-title'), figs: el('dl', 'lc-figures'), dds: new Map(), sizes: el('p', 'lc-mib'),
                grid: el('div', 'lc-grid-box'), canvas: el('canvas', 'lc-grid-canvas'), tip: el('div', 'lc-tip'),
@@ -58,7 +58,7 @@ window.lcMemoryPanel = (parts) => {
     const timeline = el('div', 'lc-timeline');
     timeline.append(el('div', 'lc-tl-title', 'recent minutes: blocks used, cached and shared; marks: forks, copy-on-write copies, preemptions'), v.tl, v.tlLegend);
     view.append(v.title, v.figs, v.sizes, legend, v.grid, v.seqs, timeline);
-    if (old) old.replaceWith(view); else root.append(view);
+    root.append(view);
     view.lcView = v;
     return v;
   }
@@ -104,8 +104,8 @@ window.lcMemoryPanel = (parts) => {
     if (p.sharing_savings_peak !== undefined) figure(v, 'sharing_savings_peak', pct(p.sharing_savings_peak));
     const m = d.mib || {};
     setText(v.sizes, `pool ${mib(m.pool)} (${f.blocks_total} blocks of ${f.block_size} tokens, ${((m.block || 0) * 1024).toFixed(1)} KiB each) · used ${mib(m.used)} · cached ${mib(m.cached)} · the same sequences unshared: ${mib(m.unshared)}` + (m.unshared > m.used ? ` (sharing saves ${mib(m.unshared - m.used)})` : ''));
-    const rows = d.seqs.map((s) => [s.seq, s.label, s.tokens, s.blocks.length, s.blocks.filter((x) => owners.get(x).length > 1).length]);
-    if (changed(v, 'seqs', JSON.stringify([mem.highlight, rows]))) drawSequences(v, d, owners);
+    const rows = d.seqs.map((s) => ({seq: s.seq, label: s.label, tokens: s.tokens, blocks: s.blocks.length, shared: s.blocks.filter((x) => owners.get(x).length > 1).length}));
+    if (changed(v, 'seqs', JSON.stringify([mem.highlight, rows]))) drawSequences(v, d, rows);
     const width = Math.max(200, (v.grid.clientWidth || 480) - 4);  // one layout read a poll
     const tables = d.seqs.map((s) => s.blocks.join(',')).join(';');
     if (changed(v, 'grid', [width, mem.highlight, d.states, tables].join('|'))) drawGrid(v.canvas, v.tip, d, owners, width);
@@ -113,18 +113,17 @@ window.lcMemoryPanel = (parts) => {
     v.canvas.onmouseleave = () => { v.tip.hidden = true; };
     drawTimeline(v.tl, v.tlLegend, width);
   }
-  function drawSequences(v, d, owners) {
+  function drawSequences(v, d, rows) {
     const list = [];
     if (!d.seqs.length) list.push(el('p', 'lc-note', 'No live sequences: every block is free or cached.'));
-    for (const s of d.seqs) {
+    d.seqs.forEach((s, i) => {
       const b = el('button', 'lc-seq' + (mem.highlight === s.seq ? ' lc-active' : ''));
       b.dataset.seq = s.seq;
       const sw = el('i', 'lc-swatch'); sw.style.background = s.color;
-      const shared = s.blocks.filter((x) => owners.get(x).length > 1).length;
-      b.append(sw, el('span', 'lc-seq-label', s.label), el('span', 'lc-seq-meta', `${s.tokens} tokens · ${s.blocks.length} blocks (${shared} shared)`));
+      b.append(sw, el('span', 'lc-seq-label', s.label), el('span', 'lc-seq-meta', `${s.tokens} tokens · ${s.blocks.length} blocks (${rows[i].shared} shared)`));
       b.addEventListener('click', () => { mem.highlight = mem.highlight === s.seq ? null : s.seq; drawMemory(); });
       list.push(b);
-    }
+    });
     v.seqs.replaceChildren(...list);
   }
   // A canvas keeps its size from poll to poll: setting it (even to the same value) drops its pixels and
