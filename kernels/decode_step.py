@@ -22,9 +22,12 @@ SOURCE = native_build.CSRC / "decode_step.cpp"
 _ERRORS = {-1: "a weight type the kernels don't have", -2: "a weight whose shape doesn't fit its type",
            -3: "a weight with the wrong number of rows", -4: "a missing norm or cache", -5: "inconsistent sizes"}
 
+# What the library is built with; tests swap in quant.AVX2_FLAGS and quant.PORTABLE_FLAGS (the step's attention
+# and matmuls have a path for each). Each set of flags is a separate cached build, loaded once per process.
+BUILD_FLAGS: tuple[str, ...] = tuple(native_build.FLAGS)
+
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
+_libraries: dict[tuple[str, ...], ctypes.CDLL | None] = {}
 
 
 class _Layer(ctypes.Structure):  # LayerDesc in csrc/decode_step.cpp
@@ -45,21 +48,22 @@ class _Step(ctypes.Structure):  # StepDesc in csrc/decode_step.cpp
     ]
 
 
-def library() -> ctypes.CDLL | None:
-    global _library, _tried
-    if _tried:
-        return _library
-    with _lock:
-        if not _tried:
-            def setup(lib: ctypes.CDLL) -> None:
-                lib.localchat_decode_step.restype = ctypes.c_int
-                lib.localchat_decode_step.argtypes = [ctypes.POINTER(_Step)]
-                lib.localchat_step_scratch_floats.restype = ctypes.c_int64
-                lib.localchat_step_scratch_floats.argtypes = [ctypes.c_int64] * 8
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.localchat_decode_step.restype = ctypes.c_int
+    lib.localchat_decode_step.argtypes = [ctypes.POINTER(_Step)]
+    lib.localchat_step_scratch_floats.restype = ctypes.c_int64
+    lib.localchat_step_scratch_floats.argtypes = [ctypes.c_int64] * 8
 
-            _library = native_build.load_library(SOURCE, "decode_step", setup=setup, what="the native decode step")
-            _tried = True
-    return _library
+
+def library() -> ctypes.CDLL | None:
+    key = BUILD_FLAGS
+    if key in _libraries:  # every step asks: answer from the first decision
+        return _libraries[key]
+    with _lock:
+        if key not in _libraries:
+            _libraries[key] = native_build.load_library(SOURCE, "decode_step", setup=_declare, flags=key,
+                                                        what="the native decode step")
+    return _libraries[key]
 
 
 def available() -> bool:

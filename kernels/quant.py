@@ -29,10 +29,12 @@ from . import native_build
 log = logging.getLogger(__name__)
 
 SOURCE = native_build.CSRC / "quant_matmul.cpp"
-# What the library is built with. Tests swap in PORTABLE_FLAGS to run the C++ fallback that machines without
-# AVX-512 get; each set of flags is a separate cached build, loaded once per process.
+# What the library is built with. Tests swap in AVX2_FLAGS (what a CPU with AVX2 but not AVX-512 runs) and
+# PORTABLE_FLAGS (the C++ fallback for a CPU with neither); each set of flags is a separate cached build,
+# loaded once per process.
 BUILD_FLAGS: tuple[str, ...] = tuple(native_build.FLAGS)
-PORTABLE_FLAGS: tuple[str, ...] = (*native_build.FLAGS, "-mno-avx512f")
+AVX2_FLAGS: tuple[str, ...] = (*native_build.FLAGS, "-mno-avx512f")
+PORTABLE_FLAGS: tuple[str, ...] = (*native_build.FLAGS, "-mno-avx512f", "-mno-avx2", "-mno-fma")
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -319,8 +321,8 @@ def _matmul_fallback(x: torch.Tensor, weights: Sequence[QuantizedWeight], y: tor
 
 
 def isa() -> str:
-    """'avx512' or 'portable': which kernels the loaded library runs ('none' if it isn't available)."""
+    """'avx512', 'avx2' or 'portable': which kernels the loaded library runs ('none' if it isn't available)."""
     lib = library()
     if lib is None:
         return "none"
-    return "avx512" if lib.localchat_quant_isa() else "portable"
+    return {1: "avx512", 2: "avx2"}.get(lib.localchat_quant_isa(), "portable")

@@ -82,3 +82,19 @@ def test_workload_is_seeded_and_spread():
     olens = [o for _, o in a]
     assert min(plens) >= 16 and max(plens) <= 1500 and max(plens) > 600 and min(plens) < 200
     assert min(olens) >= 16 and max(olens) <= 512 and max(olens) > 200
+
+
+def test_decode_rate_starts_at_the_first_token_after_a_chunked_prompt(tiny_engine, monkeypatch):
+    """A prompt longer than a step's token budget is prefilled over several steps before the first token: the
+    decode figure times only the steps after that one (it once started after the first prefill chunk, so the
+    long-context row counted the rest of the prompt as decoding)."""
+    from localchat.bench import suites
+
+    engine = tiny_engine(max_num_batched_tokens=16, enable_prefix_cache=False)
+    steps = []  # the clock reads the steps taken: the rate is then (n - 1) / decode steps
+    monkeypatch.setattr(suites.time, "perf_counter", lambda: float(len(steps)))
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: steps.append(1) or step())
+    rate, ids = suites._decode_once(engine, list(range(100, 150)), 5)  # 50 prompt tokens: 4 prefill steps
+    assert len(ids) == 5 and len(steps) == 4 + 4
+    assert rate == 4 / 4  # 4 tokens after the first, one step each

@@ -1,7 +1,7 @@
 """The native whole-step forward (kernels/decode_step.py, csrc/decode_step.cpp) against a float64 reference of
 the same math on the dequantized weights: prompt chunks then decode tokens of two sequences through paged,
 scattered blocks, GQA, with and without Qwen2's QKV bias and Qwen3's per-head norms, float32 and bfloat16
-caches, several block types."""
+caches, several block types; each on the build this CPU gets, on the AVX2 build and on the portable one."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize as gguf_quantize
 
 from conftest import skip_or_fail
-from kernels import decode_step
+from localchat import settings
+from kernels import decode_step, quant
 from kernels.quant import QuantizedWeight, matmul
 from kernels.quant import library as quant_library
 
@@ -22,10 +23,21 @@ HIDDEN, HEADS, KV_HEADS, INTER, LAYERS = 128, 6, 2, 96, 2  # GQA: 3 query heads 
 EPS = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native():
-    if not decode_step.available():
-        skip_or_fail("the native decode step could not be built (needs g++)")
+@pytest.fixture(scope="module", autouse=True, params=["native", "avx2", "portable"])
+def native(request):
+    """Every test runs on the default build, on the AVX2 one (built without AVX-512) and on the portable one."""
+    flags = {"native": decode_step.BUILD_FLAGS, "avx2": quant.AVX2_FLAGS, "portable": quant.PORTABLE_FLAGS}[request.param]
+    if request.param == "avx2" and not (settings.cpu_has("avx2") and settings.cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2/FMA to run the AVX2 kernels on")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_step, "BUILD_FLAGS", flags)
+        lib = decode_step.library()
+        if lib is None:
+            skip_or_fail("the native decode step could not be built (needs g++)")
+        lib.localchat_quant_isa.restype = ctypes.c_int
+        if request.param != "native":
+            assert {1: "avx512", 2: "avx2"}.get(lib.localchat_quant_isa(), "portable") == request.param
+        yield request.param
 
 
 def qweight(rng, qtype: Q, rows: int, cols: int) -> QuantizedWeight:

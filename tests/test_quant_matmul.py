@@ -16,6 +16,7 @@ from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
 from conftest import skip_or_fail
 from kernels import native_build, quant
+from localchat import settings
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -102,14 +103,23 @@ def assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: np.ndarray) -> None
     assert (err <= bound).all(), f"max error {err.max():.3g}, bound there {bound.flat[err.argmax()]:.3g}"
 
 
-@pytest.fixture(params=["avx512", "portable"])
+@pytest.fixture(params=["native", "avx2", "portable"])
 def kernels_variant(request, monkeypatch):
-    """Runs a test on the default build (AVX-512 here) and on the portable C++ path (built without AVX-512)."""
+    """Runs a test on the default build (whatever this CPU has), on the AVX2 path (built without AVX-512: what
+    most desktop CPUs run) and on the portable C++ path (built without AVX2 either)."""
+    if request.param == "avx2":
+        if not all(settings.cpu_has(f) for f in ("avx2", "fma", "f16c")):
+            pytest.skip("this CPU has no AVX2/FMA/F16C to run the AVX2 kernels on")
+        monkeypatch.setattr(quant, "BUILD_FLAGS", quant.AVX2_FLAGS)
     if request.param == "portable":
         monkeypatch.setattr(quant, "BUILD_FLAGS", quant.PORTABLE_FLAGS)
     if quant.library() is None:
         skip_or_fail("the native quantized kernels could not be built (no C++ compiler? install g++)")
-    expected = request.param if request.param == "portable" else quant.isa()
+    if request.param == "native":
+        has = settings.cpu_has
+        expected = "avx512" if has("avx512f") and has("avx512bw") else "avx2" if has("avx2") else "portable"
+    else:
+        expected = request.param
     assert quant.isa() == expected
     return request.param
 

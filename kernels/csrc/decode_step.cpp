@@ -215,12 +215,104 @@ void attend_avx(const float* q, const void* k_cache, const void* v_cache, const 
 
 #endif
 
+#ifdef LC_AVX2
+inline __m256 exp256(__m256 x) {  // exp512's polynomial on 8 lanes; 2^n built in the exponent bits
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 e = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(e, _mm256_castsi256_ps(pow2));
+}
+
+template <bool BF16>
+inline __m256 load_kv8(const void* base, int64_t off) {
+    if (BF16) {
+        const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + off));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float*)base + off);
+}
+
+inline __m256 sum_lanes8x8(const __m256* a) {  // lane j = the sum of a[j]'s lanes
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+inline float max_lanes8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// attend_avx with AVX2, for head_dim D (a multiple of 8): q.k for 8 positions at a time, reduced together by
+// sum_lanes8x8; the weighted V sum one head at a time, in slices of up to 64 values (16 ymm registers).
+template <bool BF16, int D>
+void attend_avx2(const float* q, const void* k_cache, const void* v_cache, const int64_t* rows, int64_t ctx,
+                 int64_t group, float scale, float* scores, float* out, float* stats) {
+    constexpr int V = D / 8, SLICE = V < 8 ? V : 8;
+    static_assert(V % SLICE == 0, "head_dim must be a multiple of 64 or below it");
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int64_t g = 0; g < group; ++g) {
+        const float* qg = q + g * D;
+        float* s = scores + g * ctx;
+        __m256 maximum = _mm256_set1_ps(-INFINITY);
+        for (int64_t start = 0; start < ctx; start += 8) {
+            const int n = (int)std::min<int64_t>(8, ctx - start);
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) {
+                acc[j] = _mm256_setzero_ps();
+                if (j < n)
+                    for (int v = 0; v < V; ++v)
+                        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * v), load_kv8<BF16>(k_cache, rows[start + j] + 8 * v), acc[j]);
+            }
+            const __m256i m = lanes_below(n);
+            const __m256 sc = _mm256_mul_ps(sum_lanes8x8(acc), vscale);
+            _mm256_maskstore_ps(s + start, m, sc);
+            maximum = _mm256_blendv_ps(maximum, _mm256_max_ps(maximum, sc), _mm256_castsi256_ps(m));
+        }
+        const float top = max_lanes8(maximum);
+        const __m256 mx = _mm256_set1_ps(top);
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t start = 0; start < ctx; start += 8) {
+            const __m256i m = lanes_below((int)std::min<int64_t>(8, ctx - start));
+            const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(s + start, m), mx)), _mm256_castsi256_ps(m));
+            _mm256_maskstore_ps(s + start, m, e);
+            total = _mm256_add_ps(total, e);
+        }
+        const float sum = sum_lanes8(total);
+        if (stats) stats[2 * g] = top, stats[2 * g + 1] = sum;
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (int v0 = 0; v0 < V; v0 += SLICE) {
+            __m256 acc[SLICE];
+            for (int v = 0; v < SLICE; ++v) acc[v] = _mm256_setzero_ps();
+            for (int64_t p = 0; p < ctx; ++p) {
+                const __m256 w = _mm256_set1_ps(s[p]);
+                for (int v = 0; v < SLICE; ++v) acc[v] = _mm256_fmadd_ps(w, load_kv8<BF16>(v_cache, rows[p] + 8 * (v0 + v)), acc[v]);
+            }
+            for (int v = 0; v < SLICE; ++v) _mm256_storeu_ps(out + g * D + 8 * (v0 + v), _mm256_mul_ps(acc[v], inv));
+        }
+    }
+}
+#endif
+
 template <bool BF16>
 void attend(const float* q, const void* k_cache, const void* v_cache, const int64_t* rows, int64_t ctx, int64_t d,
             int64_t group, float scale, float* scores, float* out, float* stats = nullptr) {
 #ifdef LC_AVX512
     if (d == 64) return attend_avx<BF16, 64, 4>(q, k_cache, v_cache, rows, ctx, group, scale, scores, out, stats);
     if (d == 128) return attend_avx<BF16, 128, 2>(q, k_cache, v_cache, rows, ctx, group, scale, scores, out, stats);
+#elif defined(LC_AVX2)
+    if (d == 64) return attend_avx2<BF16, 64>(q, k_cache, v_cache, rows, ctx, group, scale, scores, out, stats);
+    if (d == 128) return attend_avx2<BF16, 128>(q, k_cache, v_cache, rows, ctx, group, scale, scores, out, stats);
 #endif
     attend_portable<BF16>(q, k_cache, v_cache, rows, ctx, d, group, scale, scores, out, stats);
 }

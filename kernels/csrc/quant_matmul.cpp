@@ -11,8 +11,8 @@
 // independent of batching, which design.md's invariant 5 (outputs don't depend on batching) relies on.
 //
 // Layouts are ggml's, as the `gguf` package's gguf/quants.py reads them (that module is the reference in
-// tests/test_quant_matmul.py). Two code paths: AVX-512 (F, BW, VL with F16C) and a portable C++ one, which
-// is also what a build without those extensions gets. Parallel over output rows with OpenMP; the library
+// tests/test_quant_matmul.py). Three code paths: AVX-512 (F, BW, VL with F16C), AVX2 (with FMA and F16C) and a
+// portable C++ one, which is what a build without those extensions gets. Parallel over output rows with OpenMP; the library
 // links libgomp.so.1, which resolves to the runtime torch has already loaded, so it shares torch's threads.
 //
 // Built at first use by kernels/quant.py (through kernels/native_build.py).
@@ -30,6 +30,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 #include <immintrin.h>
 #define LC_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// Most desktop CPUs (AMD Zen 1-3, Intel's consumer cores since Alder Lake) have AVX2 but not AVX-512. Without
+// this path they got the portable one, whose scalar dot products ran the default model at ~9 tok/s.
+#include <immintrin.h>
+#define LC_AVX2 1
 #endif
 
 namespace {
@@ -39,8 +44,12 @@ enum : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
 
 // Rows of x per register tile: 8 rows x 2 accumulators + weights + temporaries fit the 32 zmm registers.
 // (16 rows x 1 accumulator spilled and ran 40% slower at T=16; larger T runs in tiles of 8 while the
-// weight rows stay in L1.)
+// weight rows stay in L1.) AVX2 has 16 ymm registers: 4 rows x 2 accumulators.
+#ifdef LC_AVX2
+constexpr int MAX_TILE = 4;
+#else
 constexpr int MAX_TILE = 8;
+#endif
 // Below this much work (in localchat_quant_matmul's cost units, ~bytes streamed) a call runs on the calling
 // thread: waking the team costs more than it saves.
 constexpr int64_t SERIAL_COST = 16384;
@@ -176,7 +185,7 @@ inline float fp16_to_float(uint16_t h) {  // exact for every half, subnormals, i
 }
 
 inline float load_fp16(const uint8_t* p) {
-#ifdef LC_AVX512
+#if defined(LC_AVX512) || defined(LC_AVX2)
     return _cvtsh_ss(load_u16(p));
 #else
     return fp16_to_float(load_u16(p));
@@ -227,6 +236,42 @@ inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu
 inline __m512 lookup16(__m512i idx, __m512 table) { return _mm512_permutexvar_ps(idx, table); }
 #endif
 
+#ifdef LC_AVX2
+// AVX2 has no 16-entry register lookup: codes are widened to int32 lanes, converted and scaled (one FMA a run).
+inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }  // the low 8 bytes
+inline __m256 u8x8(const uint8_t* p) { return u8x8(_mm_loadl_epi64((const __m128i*)p)); }
+inline __m128i low_nibbles(__m128i v) { return _mm_and_si128(v, _mm_set1_epi8(15)); }
+inline __m128i high_nibbles(__m128i v) { return _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)); }
+// Lane i is 16 when bit i of `bits` is set (the fifth bit of Q5 codes).
+inline __m256i fifth_bits(uint32_t bits) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), sel), sel), _mm256_set1_epi32(16));
+}
+// The four runs of 8 of a 32-element block of 4-bit codes (low nibbles first), as d*q + m.
+template <class S>
+inline void q4_avx2(const uint8_t* qs, int64_t off, S& sink, float d, float m) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)qs), lo = low_nibbles(v), hi = high_nibbles(v);
+    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    sink(off, _mm256_fmadd_ps(u8x8(lo), vd, vm), 0);
+    sink(off + 8, _mm256_fmadd_ps(u8x8(_mm_srli_si128(lo, 8)), vd, vm), 1);
+    sink(off + 16, _mm256_fmadd_ps(u8x8(hi), vd, vm), 2);
+    sink(off + 24, _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), vd, vm), 3);
+}
+// The same for 5-bit codes, the fifth bit of element j being bit j of the 32-bit word at qh_bytes.
+template <class S>
+inline void q5_avx2(const uint8_t* qh_bytes, const uint8_t* qs, int64_t off, S& sink, float d, float m) {
+    const uint32_t qh = load_u32(qh_bytes);
+    const __m128i v = _mm_loadu_si128((const __m128i*)qs), lo = low_nibbles(v), hi = high_nibbles(v);
+    const __m128i runs[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+        const __m256i q = _mm256_or_si256(_mm256_cvtepu8_epi32(runs[r]), fifth_bits((qh >> (8 * r)) & 0xff));
+        sink(off + 8 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), vd, vm), r);
+    }
+}
+#endif
+
 // The 32-element types keep their fp16 scale (and min) in the block's first 4 bytes. The AVX-512 walk converts
 // a run of blocks' scales to float32 before expanding the blocks (walk_blocks32), so `avx` gets them as
 // plain floats: converting and broadcasting them block by block cost shuffle-unit work that, at T=1, competed
@@ -250,6 +295,10 @@ struct TQ4_0 {
         sink(off + 16, lookup16(_mm512_srli_epi32(v, 4), table), 1);
     }
 #endif
+#ifdef LC_AVX2
+    template <class S>
+    static inline void avx2(const uint8_t* b, int64_t off, S& sink, float d, float) { q4_avx2(b + 2, off, sink, d, -8.0f * d); }
+#endif
 };
 
 struct TQ4_1 {
@@ -270,6 +319,10 @@ struct TQ4_1 {
         sink(off, lookup16(v, table), 0);
         sink(off + 16, lookup16(_mm512_srli_epi32(v, 4), table), 1);
     }
+#endif
+#ifdef LC_AVX2
+    template <class S>
+    static inline void avx2(const uint8_t* b, int64_t off, S& sink, float d, float m) { q4_avx2(b + 4, off, sink, d, m); }
 #endif
 };
 
@@ -309,6 +362,10 @@ struct TQ5_0 {
         q5_avx(b + 2, b + 6, lo, _mm512_mul_ps(vd, iota16()), off, sink);
     }
 #endif
+#ifdef LC_AVX2
+    template <class S>
+    static inline void avx2(const uint8_t* b, int64_t off, S& sink, float d, float) { q5_avx2(b + 2, b + 6, off, sink, d, -16.0f * d); }
+#endif
 };
 
 struct TQ5_1 {
@@ -333,6 +390,10 @@ struct TQ5_1 {
         q5_avx(b + 4, b + 8, lo, hi, off, sink);
     }
 #endif
+#ifdef LC_AVX2
+    template <class S>
+    static inline void avx2(const uint8_t* b, int64_t off, S& sink, float d, float m) { q5_avx2(b + 4, b + 8, off, sink, d, m); }
+#endif
 };
 
 struct TQ8_0 {
@@ -350,6 +411,17 @@ struct TQ8_0 {
         for (int h = 0; h < 2; ++h) {
             const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2 + 16 * h)));
             sink(off + 16 * h, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(q)), h);
+        }
+    }
+#endif
+#ifdef LC_AVX2
+    template <class S>
+    static inline void avx2(const uint8_t* b, int64_t off, S& sink, float d, float) {
+        const __m256 vd = _mm256_set1_ps(d);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+            const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(b + 2 + 8 * r)));
+            sink(off + 8 * r, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(q)), r);
         }
     }
 #endif
@@ -373,7 +445,7 @@ struct TQ4_K {
             }
         }
     }
-#ifdef LC_AVX512
+#if defined(LC_AVX512) || defined(LC_AVX2)
     // The 8 scales and mins as floats in one pass; each sub-block then broadcasts its pair.
     static inline void scales(const uint8_t* b, float* ds, float* ms) {
         uint8_t sc[8], mn[8];
@@ -382,6 +454,27 @@ struct TQ4_K {
         _mm256_storeu_ps(ds, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)sc)))));
         _mm256_storeu_ps(ms, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)mn)))));
     }
+#endif
+#ifdef LC_AVX2
+    template <class S>
+    static inline void avx2(const uint8_t* b, int64_t off, S& sink) {
+        float ds[8], ms[8];
+        scales(b, ds, ms);
+        const uint8_t* qs = b + 16;
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) {
+            const __m128i v0 = _mm_loadu_si128((const __m128i*)(qs + 32 * g)), v1 = _mm_loadu_si128((const __m128i*)(qs + 32 * g + 16));
+            const __m128i runs[8] = {low_nibbles(v0), _mm_srli_si128(low_nibbles(v0), 8), low_nibbles(v1), _mm_srli_si128(low_nibbles(v1), 8),
+                                     high_nibbles(v0), _mm_srli_si128(high_nibbles(v0), 8), high_nibbles(v1), _mm_srli_si128(high_nibbles(v1), 8)};
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) {
+                const int s = 2 * g + r / 4;
+                sink(off + 64 * g + 8 * r, _mm256_fmsub_ps(u8x8(runs[r]), _mm256_set1_ps(ds[s]), _mm256_set1_ps(ms[s])), r);
+            }
+        }
+    }
+#endif
+#ifdef LC_AVX512
     template <class S>
     static inline void avx(const uint8_t* b, int64_t off, S& sink) {
         float ds[8], ms[8];
@@ -441,6 +534,27 @@ struct TQ5_K {
         }
     }
 #endif
+#ifdef LC_AVX2
+    template <class S>
+    static inline void avx2(const uint8_t* b, int64_t off, S& sink) {
+        float ds[8], ms[8];
+        TQ4_K::scales(b, ds, ms);
+        const uint8_t *qh = b + 16, *qs = b + 48;
+        const __m256i nibble = _mm256_set1_epi32(15), sixteen = _mm256_set1_epi32(16);
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; ++s) {
+            const __m256 vd = _mm256_set1_ps(ds[s]), vm = _mm256_set1_ps(ms[s]);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; ++r) {
+                const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qs + 32 * (s / 2) + 8 * r)));
+                const __m256i low = _mm256_and_si256(_mm256_srli_epi32(codes, 4 * (s & 1)), nibble);
+                const __m256i high = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qh + 8 * r)));
+                const __m256i bit = _mm256_and_si256(_mm256_slli_epi32(_mm256_srli_epi32(high, s), 4), sixteen);
+                sink(off + 32 * s + 8 * r, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_or_si256(low, bit)), vd, vm), r);
+            }
+        }
+    }
+#endif
 };
 
 // Q6_K: 16 sub-blocks of 16 with int8 scales; w = d*sc*(q - 32), q 6-bit. Element e = 128h + r takes its low
@@ -486,6 +600,30 @@ struct TQ6_K {
             }
     }
 #endif
+#ifdef LC_AVX2
+    template <class S>
+    static inline void avx2(const uint8_t* b, int64_t off, S& sink) {
+        const uint8_t *ql = b, *qh = b + 128;
+        alignas(32) float ds[16];
+        const __m256 d = _mm256_set1_ps(load_fp16(b + 208));
+        const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
+        _mm256_store_ps(ds, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+        _mm256_store_ps(ds + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+        const __m256i nibble = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3), bias = _mm256_set1_epi32(32);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 16
+            for (int r = 0; r < 128; r += 8) {
+                const __m256i l = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(ql + 64 * h + r % 64)));
+                const __m256i t = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qh + 32 * h + r % 32)));
+                const __m256i low = _mm256_and_si256(_mm256_srli_epi32(l, 4 * (r / 64)), nibble);
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi32(t, 2 * (r / 32)), three);
+                const __m256i q = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)), bias);
+                const int e = 128 * h + r;
+                sink(off + e, _mm256_mul_ps(_mm256_set1_ps(ds[e / 16]), _mm256_cvtepi32_ps(q)), r / 8);
+            }
+    }
+#endif
 };
 
 // Plain float rows (F32/F16/BF16): any length; the AVX-512 path takes 16 at a time plus a masked tail.
@@ -496,6 +634,14 @@ struct TF32 {
 #ifdef LC_AVX512
     static inline __m512 load16(const uint8_t* p) { return _mm512_loadu_ps(p); }
     static inline __m512 load_tail(const uint8_t* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+#endif
+#ifdef LC_AVX2
+    static inline __m256 load8(const uint8_t* p) { return _mm256_loadu_ps((const float*)p); }
+    static inline __m256 load_tail(const uint8_t* p, int n) {  // n < 8 values, the rest zero
+        alignas(32) uint8_t buf[32] = {};
+        memcpy(buf, p, (size_t)n * BYTES);
+        return load8(buf);
+    }
 #endif
 };
 
@@ -509,6 +655,14 @@ struct TF16 {
     static inline __m512 load16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
     static inline __m512 load_tail(const uint8_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 #endif
+#ifdef LC_AVX2
+    static inline __m256 load8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+    static inline __m256 load_tail(const uint8_t* p, int n) {  // n < 8 values, the rest zero
+        alignas(32) uint8_t buf[32] = {};
+        memcpy(buf, p, (size_t)n * BYTES);
+        return load8(buf);
+    }
+#endif
 };
 
 struct TBF16 {
@@ -521,6 +675,14 @@ struct TBF16 {
     static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
     static inline __m512 load16(const uint8_t* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
     static inline __m512 load_tail(const uint8_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+#endif
+#ifdef LC_AVX2
+    static inline __m256 load8(const uint8_t* p) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16)); }
+    static inline __m256 load_tail(const uint8_t* p, int n) {  // n < 8 values, the rest zero
+        alignas(32) uint8_t buf[32] = {};
+        memcpy(buf, p, (size_t)n * BYTES);
+        return load8(buf);
+    }
 #endif
 };
 
@@ -623,6 +785,121 @@ void tile_avx(const uint8_t* rows, int64_t row_bytes, int nrows, int64_t cols, c
 }
 #endif
 
+#ifdef LC_AVX2
+// As walk_blocks32 above, with AVX2's runs of 8.
+template <class B, class S>
+inline void walk_blocks32_avx2(const uint8_t* row, int64_t blocks, S& full) {
+    constexpr int RUN = 64;
+    alignas(32) float scale[2 * RUN];  // (d, m) pairs
+    for (int64_t b0 = 0; b0 < blocks; b0 += RUN) {
+        const int n = (int)std::min<int64_t>(RUN, blocks - b0);
+        const uint8_t* first = row + b0 * B::BYTES;
+        for (int i = 0; i < n; ++i)
+            _mm_storel_pi((__m64*)(scale + 2 * i), _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(first + i * B::BYTES))));
+        for (int i = 0; i < n; ++i) B::avx2(first + i * B::BYTES, (b0 + i) * 32, full, scale[2 * i], scale[2 * i + 1]);
+    }
+}
+
+// full(offset, values, chain) for each run of 8, tail(offset, values, n) for a dense row's last n < 8 values;
+// `chain` as in walk_row_avx.
+template <class B, class S, class U>
+inline void walk_row_avx2(const uint8_t* row, int64_t cols, S& full, U& tail) {
+    if constexpr (B::DENSE) {
+        int64_t c = 0;
+        for (; c + 32 <= cols; c += 32) {
+            full(c, B::load8(row + c * B::BYTES), 0);
+            full(c + 8, B::load8(row + (c + 8) * B::BYTES), 1);
+            full(c + 16, B::load8(row + (c + 16) * B::BYTES), 2);
+            full(c + 24, B::load8(row + (c + 24) * B::BYTES), 3);
+        }
+        for (; c + 8 <= cols; c += 8) full(c, B::load8(row + c * B::BYTES), 0);
+        if (c < cols) tail(c, B::load_tail(row + c * B::BYTES, (int)(cols - c)), (int)(cols - c));
+    } else if constexpr (B::QK == 32) {
+        walk_blocks32_avx2<B>(row, cols / 32, full);
+    } else {
+        const int64_t blocks = cols / B::QK;
+        for (int64_t i = 0; i < blocks; ++i) B::avx2(row + i * B::BYTES, i * B::QK, full);
+    }
+}
+
+inline __m256i lanes_below(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+
+inline float sum_lanes8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One weight row's accumulators against TT rows of x: two per row of x, picked by the run's place in its block
+// (as tile_avx: never by T, so the summation order is the layout's alone).
+template <int TT>
+struct RowAcc {
+    __m256 a[TT][2];
+    const float* x;
+    int64_t ldx;
+
+    inline void start(const float* x_, int64_t ldx_) {
+        x = x_, ldx = ldx_;
+        for (int t = 0; t < TT; ++t) a[t][0] = a[t][1] = _mm256_setzero_ps();
+    }
+    inline void operator()(int64_t off, __m256 w, int chain) {
+#pragma GCC unroll 8
+        for (int t = 0; t < TT; ++t) a[t][chain & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + off), a[t][chain & 1]);
+    }
+    inline void tail(int64_t off, __m256 w, int n) {
+        const __m256i m = lanes_below(n);
+        for (int t = 0; t < TT; ++t) a[t][0] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + t * ldx + off, m), a[t][0]);
+    }
+    inline float sum(int t) const { return sum_lanes8(_mm256_add_ps(a[t][0], a[t][1])); }
+};
+
+// R consecutive weight rows against TT rows of x, their blocks walked in lockstep. With one row, each
+// accumulator's FMAs form a chain that waits on the FMA's latency every block (T=1 ran at a third of the
+// core's FMA rate); R rows' chains are independent, and each row still sums in its own fixed order.
+template <class B, int TT, int R>
+inline void rows_avx2(const uint8_t* rows, int64_t row_bytes, int64_t cols, const float* x, int64_t ldx, float* y,
+                      int64_t ldy) {
+    RowAcc<TT> acc[R];
+    for (int r = 0; r < R; ++r) acc[r].start(x, ldx);
+    if constexpr (B::DENSE) {
+        static_assert(R == 1, "float rows are walked one at a time");
+        auto tail = [&](int64_t off, __m256 w, int n) { acc[0].tail(off, w, n); };
+        walk_row_avx2<B>(rows, cols, acc[0], tail);
+    } else if constexpr (B::QK == 32) {
+        constexpr int RUN = 64;
+        alignas(32) float scale[R][2 * RUN];  // each row's (d, m) pairs, as walk_blocks32
+        const int64_t blocks = cols / 32;
+        for (int64_t b0 = 0; b0 < blocks; b0 += RUN) {
+            const int n = (int)std::min<int64_t>(RUN, blocks - b0);
+            for (int r = 0; r < R; ++r) {
+                const uint8_t* first = rows + r * row_bytes + b0 * B::BYTES;
+                for (int i = 0; i < n; ++i)
+                    _mm_storel_pi((__m64*)(scale[r] + 2 * i), _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(first + i * B::BYTES))));
+            }
+            for (int i = 0; i < n; ++i)
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r)
+                    B::avx2(rows + r * row_bytes + (b0 + i) * B::BYTES, (b0 + i) * 32, acc[r], scale[r][2 * i], scale[r][2 * i + 1]);
+        }
+    } else {
+        for (int64_t i = 0; i < cols / B::QK; ++i)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) B::avx2(rows + r * row_bytes + i * B::BYTES, i * B::QK, acc[r]);
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) y[t * ldy + r] = acc[r].sum(t);
+}
+
+template <class B, int TT>
+void tile_avx2(const uint8_t* rows, int64_t row_bytes, int nrows, int64_t cols, const float* x, int64_t ldx,
+               float* y, int64_t ldy) {
+    constexpr int R = B::DENSE ? 1 : TT == 1 ? 4 : TT == 2 ? 2 : 1;  // R * TT * 2 accumulators of 16 registers
+    int i = 0;
+    for (; i + R <= nrows; i += R) rows_avx2<B, TT, R>(rows + i * row_bytes, row_bytes, cols, x, ldx, y + i, ldy);
+    for (; i < nrows; ++i) rows_avx2<B, TT, 1>(rows + i * row_bytes, row_bytes, cols, x, ldx, y + i, ldy);
+}
+#endif
+
 // Portable: each block is decoded into a float buffer once and dotted with every row of x.
 template <class B, class F>
 inline void walk_row_portable(const uint8_t* row, int64_t cols, float* buf, int chunk, F&& use) {
@@ -661,8 +938,10 @@ void tile_portable(const uint8_t* rows, int64_t row_bytes, int nrows, int64_t co
 template <class B, int TT>
 void tile(const uint8_t* rows, int64_t row_bytes, int nrows, int64_t cols, const float* x, int64_t ldx, float* y,
           int64_t ldy) {
-#ifdef LC_AVX512
+#if defined(LC_AVX512)
     tile_avx<B, TT>(rows, row_bytes, nrows, cols, x, ldx, y, ldy);
+#elif defined(LC_AVX2)
+    tile_avx2<B, TT>(rows, row_bytes, nrows, cols, x, ldx, y, ldy);
 #else
     tile_portable<B, TT>(rows, row_bytes, nrows, cols, x, ldx, y, ldy);
 #endif
@@ -683,6 +962,17 @@ inline __m256i float_to_bf16_avx(__m512 v) {  // float_to_bf16 on 16 lanes
 }
 #endif
 
+#ifdef LC_AVX2
+inline __m128i float_to_bf16_avx2(__m256 v) {  // float_to_bf16 on 8 lanes
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), nan), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+#endif
+
 template <class B>
 void dequant_row(const uint8_t* row, int64_t cols, void* out, int bf16) {
 #ifdef LC_AVX512
@@ -696,6 +986,22 @@ void dequant_row(const uint8_t* row, int64_t cols, void* out, int bf16) {
         auto full = [&](int64_t off, __m512 w, int) { _mm512_storeu_ps(o + off, w); };
         auto tail = [&](int64_t off, __m512 w, __mmask16 m) { _mm512_mask_storeu_ps(o + off, m, w); };
         walk_row_avx<B>(row, cols, full, tail);
+    }
+#elif defined(LC_AVX2)
+    if (bf16) {
+        uint16_t* o = (uint16_t*)out;
+        auto full = [&](int64_t off, __m256 w, int) { _mm_storeu_si128((__m128i*)(o + off), float_to_bf16_avx2(w)); };
+        auto tail = [&](int64_t off, __m256 w, int n) {
+            alignas(16) uint16_t buf[8];
+            _mm_store_si128((__m128i*)buf, float_to_bf16_avx2(w));
+            memcpy(o + off, buf, (size_t)n * 2);
+        };
+        walk_row_avx2<B>(row, cols, full, tail);
+    } else {
+        float* o = (float*)out;
+        auto full = [&](int64_t off, __m256 w, int) { _mm256_storeu_ps(o + off, w); };
+        auto tail = [&](int64_t off, __m256 w, int n) { _mm256_maskstore_ps(o + off, lanes_below(n), w); };
+        walk_row_avx2<B>(row, cols, full, tail);
     }
 #else
     float buf[256];
@@ -776,10 +1082,12 @@ int64_t localchat_chunks_debug(int64_t stuck_ns) {
     return __atomic_load_n(&chunks::reruns, __ATOMIC_RELAXED);
 }
 
-// 1 when the AVX-512 kernels were compiled in, 0 for the portable ones.
+// 1 when the AVX-512 kernels were compiled in, 2 for the AVX2 ones, 0 for the portable ones.
 int localchat_quant_isa() {
-#ifdef LC_AVX512
+#if defined(LC_AVX512)
     return 1;
+#elif defined(LC_AVX2)
+    return 2;
 #else
     return 0;
 #endif

@@ -184,12 +184,15 @@ def suite_decode(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -
 def _decode_once(engine, prompt: list[int], n: int) -> tuple[float, list[int]]:
     req = engine.make_request(prompt_token_ids=prompt, params=bench_params(n))
     engine.add(req)
-    stamps = []
+    first = last = None
     while engine.has_unfinished():
         engine.step()
-        stamps.append(time.perf_counter())
-    # stamps[0] ends the prefill step (which samples the first token); the rest are one token each.
-    return (n - 1) / (stamps[-1] - stamps[0]), req.seqs[0].output_token_ids
+        last = time.perf_counter()
+        # The step that samples the first token ends the prefill (a long prompt takes several chunked steps
+        # before it); each step after it is one token.
+        if first is None and req.seqs[0].output_token_ids:
+            first = last
+    return (n - 1) / (last - first), req.seqs[0].output_token_ids
 
 
 def _hf_decode_once(ctx: BenchContext, prompt: list[int], n: int) -> tuple[float, list[int]]:
