@@ -12,6 +12,7 @@ small matmul costs more in dispatch and weight traffic than it computes.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -24,6 +25,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import kernels
 from kernels import AttentionMetadata
+from localchat import settings
 from localchat.model.architectures import (
     SUPPORTED_MODEL_TYPES,
     Architecture,
@@ -79,12 +81,21 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
+@functools.cache
+def _mkldnn_bf16_packing() -> bool:
+    """Whether this torch build has oneDNN's packed linear and this CPU runs its bfloat16 kernels: without
+    AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT the reorder raises (seen on an AVX2-only AMD Zen 3)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else settings.cpu_has("avx512bw", "avx_ne_convert")
+
+
 def _mkldnn_packing_available() -> bool:
     if os.environ.get("LOCALCHAT_NO_PACK"):  # for measurements: the plain ATen path
         return False
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(
-        torch.ops.mkldnn, "_linear_pointwise"
-    )
+    return _mkldnn_bf16_packing()
 
 
 class PackedLinear:
