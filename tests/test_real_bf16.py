@@ -9,7 +9,7 @@ import torch
 import kernels
 from localchat.engine.engine import Engine, EngineConfig
 from localchat.model.chat_template import prompt_ids
-from localchat.model.loader import load_model
+from localchat.model.loader import default_dtype, load_model
 from localchat.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,10 @@ def test_prefill_logits_are_bit_identical(bf16):
         assert torch.equal(ours, theirs)  # every position, not only the sampled one
 
 
+@pytest.mark.skipif(default_dtype("cpu") != torch.bfloat16, reason=(
+    "this CPU has no native bfloat16 (the engine defaults to float32 here): ATen emulates bfloat16 GEMMs and sums "
+    "batched and single rows in different orders, so replies part at near-ties (measured on an AVX2-only Zen 3: "
+    "4-5 of 8 equal, the earliest at token 3 on a 0.034 float32 logit gap; benchmarks/NOTES.md session 8)"))
 def test_greedy_replies_match_on_most_prompts(bf16):
     loaded, engine, reference, prompts = bf16
     eos = set(loaded.eos_token_ids)
