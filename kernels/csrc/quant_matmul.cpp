@@ -690,6 +690,16 @@ struct TBF16 {
 // Walking a row: every 16-element run of values, in registers (AVX-512) or through a small float buffer.
 // ---------------------------------------------------------------------------------------------------------
 
+#if defined(LC_AVX512) || defined(LC_AVX2)
+// The (d, m) float pairs of n consecutive 32-element blocks: each block's first 4 bytes, two fp16 (a type
+// without a min converts 2 bytes it then ignores).
+template <class B>
+inline void block_scales(const uint8_t* first, int n, float* scale) {
+    for (int i = 0; i < n; ++i)
+        _mm_storel_pi((__m64*)(scale + 2 * i), _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(first + i * B::BYTES))));
+}
+#endif
+
 #ifdef LC_AVX512
 // 32-element blocks, a run of up to 64 at a time: first every block's fp16 scale and min (the block's first 4
 // bytes; a type without a min converts 2 bytes it then ignores) become a float pair, then the blocks are
@@ -702,8 +712,7 @@ inline void walk_blocks32(const uint8_t* row, int64_t blocks, S& full) {
     for (int64_t b0 = 0; b0 < blocks; b0 += RUN) {
         const int n = (int)std::min<int64_t>(RUN, blocks - b0);
         const uint8_t* first = row + b0 * B::BYTES;
-        for (int i = 0; i < n; ++i)
-            _mm_storel_pi((__m64*)(scale + 2 * i), _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(first + i * B::BYTES))));
+        block_scales<B>(first, n, scale);
         for (int i = 0; i < n; ++i) B::avx(first + i * B::BYTES, (b0 + i) * 32, full, scale[2 * i], scale[2 * i + 1]);
     }
 }
@@ -794,8 +803,7 @@ inline void walk_blocks32_avx2(const uint8_t* row, int64_t blocks, S& full) {
     for (int64_t b0 = 0; b0 < blocks; b0 += RUN) {
         const int n = (int)std::min<int64_t>(RUN, blocks - b0);
         const uint8_t* first = row + b0 * B::BYTES;
-        for (int i = 0; i < n; ++i)
-            _mm_storel_pi((__m64*)(scale + 2 * i), _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(first + i * B::BYTES))));
+        block_scales<B>(first, n, scale);
         for (int i = 0; i < n; ++i) B::avx2(first + i * B::BYTES, (b0 + i) * 32, full, scale[2 * i], scale[2 * i + 1]);
     }
 }
@@ -873,8 +881,7 @@ inline void rows_avx2(const uint8_t* rows, int64_t row_bytes, int64_t cols, cons
             const int n = (int)std::min<int64_t>(RUN, blocks - b0);
             for (int r = 0; r < R; ++r) {
                 const uint8_t* first = rows + r * row_bytes + b0 * B::BYTES;
-                for (int i = 0; i < n; ++i)
-                    _mm_storel_pi((__m64*)(scale[r] + 2 * i), _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(first + i * B::BYTES))));
+                block_scales<B>(first, n, scale[r]);
             }
             for (int i = 0; i < n; ++i)
 #pragma GCC unroll 4
