@@ -58,7 +58,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.localchat_quant_matmul.restype = ctypes.c_int
     lib.localchat_quant_matmul.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
     ]
     lib.localchat_quant_dequantize.restype = ctypes.c_int
     lib.localchat_quant_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
@@ -182,6 +182,21 @@ class QuantizedWeight:
         _check_status(status)
         return out
 
+    def dequantize_rows(self, ids: Sequence[int]) -> torch.Tensor:
+        """Float32 rows `ids` as a [len(ids), cols] tensor: a step's embedding lookup, one native call per row
+        on the stored blocks (select_rows().dequantize() costs ~0.25 ms of small torch ops a step)."""
+        lib = library()
+        if lib is None:
+            return self.select_rows(list(ids)).dequantize(torch.float32)
+        if not ids or min(ids) < 0 or max(ids) >= self.rows:
+            raise ValueError(f"row ids must be in [0, {self.rows}), got {list(ids)[:8]}")
+        out = torch.empty(len(ids), self.cols, dtype=torch.float32)
+        stride, base, dst = self.data.stride(0), self.data.data_ptr(), out.data_ptr()
+        for i, row in enumerate(ids):
+            desc = _QWeight(base + row * stride, self.qtype, 1, self.cols, stride, 0)
+            _check_status(lib.localchat_quant_dequantize(ctypes.byref(desc), dst + 4 * i * self.cols, 0, self.cols, 1))
+        return out
+
     def _desc(self, out_col: int) -> _QWeight:
         return _QWeight(self.data.data_ptr(), self.qtype, self.rows, self.cols, self.data.stride(0), out_col)
 
@@ -257,18 +272,23 @@ def _bad_out(out: torch.Tensor, tokens: int, width: int) -> ValueError:
     return ValueError(f"out must be [{tokens}, {width}] (or [{width}] for a 1-D x) with unit column stride, got {tuple(out.shape)}")
 
 
-def matmul(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None = None, *, int8_activations: bool = False) -> torch.Tensor:
     """y = x @ w^T: x float32 [T, cols] (or [cols]), y float32 [T, rows] (or [rows]), written into `out` if given."""
-    return matmul_multi(x, (w,), out)
+    return matmul_multi(x, (w,), out, int8_activations=int8_activations)
 
 
-def matmul_multi(x: torch.Tensor, weights: Sequence[QuantizedWeight], out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_multi(x: torch.Tensor, weights: Sequence[QuantizedWeight], out: torch.Tensor | None = None, *,
+                 int8_activations: bool = False) -> torch.Tensor:
     """torch.cat([x @ w^T for w in weights], -1), in one parallel region and without the concatenation.
 
     All weights must have x's column count; their types may differ. x is float32 [T, cols] or [cols]; `out`
     (optional) float32 [T, sum of rows] with unit column stride (its rows may be strided, e.g. a column slice
     of a wider buffer), or [sum of rows] for a 1-D x. Each output element is summed in the same order whatever
     T or the thread count: results are bitwise batch-invariant.
+
+    int8_activations: the weights whose type has an int8-activation kernel here (int8_types()) multiply x with
+    each block of 32 values rounded to 8 bits (csrc/q8_activations.h); the others, and the fallback without the
+    library, use x as it is.
     """
     group = _group(weights)
     cols, width = group.cols, group.width
@@ -304,7 +324,7 @@ def matmul_multi(x: torch.Tensor, weights: Sequence[QuantizedWeight], out: torch
     else:
         status = lib.localchat_quant_matmul(
             x2.data_ptr(), tokens, strides[0], cols, group.descs, len(group.descs), y.data_ptr(), y_stride,
-            torch.get_num_threads(),
+            torch.get_num_threads(), int(int8_activations),
         )
         if status:
             _check_status(status)
@@ -318,6 +338,17 @@ def _matmul_fallback(x: torch.Tensor, weights: Sequence[QuantizedWeight], y: tor
     for w in weights:
         y[:, col : col + w.rows].copy_(x @ w.dequantize(torch.float32).T)
         col += w.rows
+
+
+def int8_types(lib: ctypes.CDLL | None = None) -> frozenset[int]:
+    """The block types with an int8-activation kernel in `lib` (this module's library by default; none
+    outside the AVX2 build)."""
+    lib = lib or library()
+    if lib is None:
+        return frozenset()
+    lib.localchat_quant_has_int8.restype = ctypes.c_int
+    lib.localchat_quant_has_int8.argtypes = [ctypes.c_int]
+    return frozenset(int(q) for q in SUPPORTED_TYPES if lib.localchat_quant_has_int8(int(q)))
 
 
 def isa() -> str:

@@ -75,11 +75,23 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((a * cos - b * sin, b * cos + a * sin), -1)
 
 
+def int8_rounded(a: torch.Tensor) -> torch.Tensor:
+    """A float64 row as the int8-activation kernels see it: its float32 values, each block of 32 rounded to 8
+    bits (as tests/test_quant_matmul.py's int8_rounded)."""
+    blocks = a.float().view(-1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv).double() * (amax / 127.0).double()).view(a.shape)
+
+
 class Reference:
     """The same forward in float64, with each sequence's K/V history kept densely (rounded like the cache)."""
 
-    def __init__(self, layers, kv_dtype, hd):
+    def __init__(self, layers, kv_dtype, hd, int8_activations=False):
         self.hd = hd
+        # Which weights' inputs the kernels round to 8 bits per block of 32 (kernels/quant.py int8_types()).
+        rounded = quant.int8_types(decode_step.library()) if int8_activations else frozenset()
+        self.rounds = [{k for k, v in layer.items() if isinstance(v, QuantizedWeight) and v.qtype in rounded} for layer in layers]
         self.layers = [{k: (v.dequantize(torch.float32).double() if isinstance(v, QuantizedWeight) else (None if v is None else v.double()))
                         for k, v in layer.items()} for layer in layers]
         self.kv_dtype = kv_dtype
@@ -88,9 +100,12 @@ class Reference:
     def token(self, seq: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
         hd = self.hd
         hist = self.history.setdefault(seq, [[] for _ in self.layers])
-        for L, h_kv in zip(self.layers, hist):
+        for L, h_kv, rounds in zip(self.layers, hist, self.rounds):
+            def mm(a: torch.Tensor, name: str) -> torch.Tensor:
+                return (int8_rounded(a) if name in rounds else a) @ L[name].T
+
             h = rmsnorm(x, L["attn_norm"])
-            qkv = torch.cat([h @ L["q"].T, h @ L["k"].T, h @ L["v"].T])
+            qkv = torch.cat([mm(h, "q"), mm(h, "k"), mm(h, "v")])
             if L["qkv_bias"] is not None:
                 qkv = qkv + L["qkv_bias"]
             q = qkv[: HEADS * hd].view(HEADS, hd)
@@ -110,10 +125,10 @@ class Reference:
                 g = head // group
                 scores = (keys[:, g] @ q[head]) * hd**-0.5
                 out.append(torch.softmax(scores, 0) @ values[:, g])
-            x = x + torch.cat(out) @ L["o"].T
+            x = x + mm(torch.cat(out), "o")
             h = rmsnorm(x, L["ffn_norm"])
-            gate, up = h @ L["gate"].T, h @ L["up"].T
-            x = x + (torch.nn.functional.silu(gate) * up) @ L["down"].T
+            gate, up = mm(h, "gate"), mm(h, "up")
+            x = x + mm(torch.nn.functional.silu(gate) * up, "down")
         return x
 
 
@@ -128,7 +143,20 @@ class Reference:
     ],
 )
 def test_step_matches_a_float64_reference(qtype, bias, qk_norm, kv_dtype, block_size, hd):
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+    check_steps(qtype, bias, qk_norm, kv_dtype, block_size, hd, int8_activations=False)
+
+
+@pytest.mark.parametrize("qtype, bias, qk_norm, kv_dtype", [(Q.Q4_1, True, False, torch.bfloat16), (Q.Q4_0, False, True, torch.float32)])
+def test_int8_activations_step_matches_a_reference_with_rounded_inputs(qtype, bias, qk_norm, kv_dtype):
+    """With int8 activations every matmul of the step rounds its input (the kernels of this build that have
+    such a path); a reference that rounds the same inputs agrees as closely as the float32 one does without."""
+    # A fixed seed: the reference rounds float64 values where the kernels round float32 ones, and with some
+    # seeds an input lands on the other side of a rounding boundary early enough to move many outputs.
+    check_steps(qtype, bias, qk_norm, kv_dtype, 16, 64, int8_activations=True, seed=int(qtype))
+
+
+def check_steps(qtype, bias, qk_norm, kv_dtype, block_size, hd, int8_activations, seed=None):
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
     rng = np.random.default_rng(seed)
     layers = make_layers(rng, qtype, bias, qk_norm, hd)
     num_blocks = 64 // block_size + 40
@@ -138,7 +166,8 @@ def test_step_matches_a_float64_reference(qtype, bias, qk_norm, kv_dtype, block_
         [decode_step.LayerTensors(**{k: v for k, v in L.items()}, k_cache=kc, v_cache=vc) for L, (kc, vc) in zip(layers, caches)],
         hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=hd**-0.5,
     )
-    ref = Reference(layers, kv_dtype, hd)
+    ref = Reference(layers, kv_dtype, hd, int8_activations)
+    exact = Reference(layers, kv_dtype, hd) if int8_activations and ref.rounds[0] else None
     # Two sequences with scattered, interleaved physical blocks; each table padded to the same width.
     free = list(rng.permutation(num_blocks))
     tables = {0: [int(free.pop()) for _ in range(12)], 1: [int(free.pop()) for _ in range(12)]}
@@ -147,6 +176,8 @@ def test_step_matches_a_float64_reference(qtype, bias, qk_norm, kv_dtype, block_
     # A 7-token prompt chunk of sequence 0 with a 1-token decode of sequence 1 in the same step, then decode steps
     # of both, then another chunk: every token names its own table row and context.
     schedule = [[(0, 7), (1, 1)], [(0, 1), (1, 5)], [(0, 1), (1, 1)], [(1, 3)], [(0, 2), (1, 1)]]
+    if int8_activations:  # one step: a rounding flip (below) would otherwise reach every later step through K/V
+        schedule = schedule[:1]
     for step in schedule:
         tokens = [(seq, lengths[seq] + i) for seq, n in step for i in range(n)]
         T = len(tokens)
@@ -160,13 +191,25 @@ def test_step_matches_a_float64_reference(qtype, bias, qk_norm, kv_dtype, block_
         token_table = torch.tensor([s for s, _ in tokens], dtype=torch.int32)
         token_ctx = torch.tensor([p + 1 for _, p in tokens], dtype=torch.int32)
         expected = torch.stack([ref.token(s, x[i].double(), cos[i], sin[i]) for i, (s, _) in enumerate(tokens)])
-        got = plan.run(x.clone(), cos.float().contiguous(), sin.float().contiguous(), slots, block_tables, token_table, token_ctx)
+        got = plan.run(x.clone(), cos.float().contiguous(), sin.float().contiguous(), slots, block_tables, token_table,
+                       token_ctx, int8_activations)
         assert torch.isfinite(got).all(), f"seed {seed}: a NaN (an unwritten or misread cache slot)"
         # A bfloat16 cache holds K/V to 8 bits: float32 and float64 K land on different sides of a rounding boundary
         # now and then, and that one step of 0.4% shows in the output. A wrong slot, head or block is off by O(1).
         bf16 = kv_dtype == torch.bfloat16
-        torch.testing.assert_close(got.double(), expected, atol=0.1 if bf16 else 2e-4, rtol=2e-2 if bf16 else 1e-3,
-                                   msg=lambda m: f"seed {seed}: {m}")
+        if exact is None:
+            atol, rtol = (0.1, 2e-2) if bf16 else (2e-4, 1e-3)
+            torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol, msg=lambda m: f"seed {seed}: {m}")
+        else:
+            # Rounded inputs: the reference rounds its float64 values, the kernels their float32 ones, so now and
+            # then one input lands on the other side of a rounding boundary and moves a few outputs by a code
+            # step. Typical outputs sit within float32 rounding of the rounded reference, and far from the
+            # unrounded one (a matmul that ignored the flag would sit close to it).
+            unrounded = torch.stack([exact.token(s, x[i].double(), cos[i], sin[i]) for i, (s, _) in enumerate(tokens)])
+            near, far = (got.double() - expected).abs(), (got.double() - unrounded).abs()
+            assert near.median() < 1e-3 * far.median(), f"seed {seed}: {near.median()} vs {far.median()}"
+            close, close_unrounded = ((d <= 2e-4 + 1e-3 * expected.abs()).double().mean() for d in (near, far))
+            assert close > max(0.3, 4 * close_unrounded), f"seed {seed}: {close} vs {close_unrounded}"
         for seq, n in step:
             lengths[seq] += n
 

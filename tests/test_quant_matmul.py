@@ -168,6 +168,48 @@ def test_results_do_not_depend_on_batch_or_threads(qtype, gguf_tensors, kernels_
         torch.set_num_threads(threads)
 
 
+INT8_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)  # the types with an int8-activation kernel (AVX2 build)
+
+
+def int8_rounded(x: torch.Tensor) -> np.ndarray:
+    """x as the int8-activation kernels multiply it (csrc/q8_activations.h): each block of 32 values scaled by
+    127 / max|x| in float32, rounded to nearest even, and scaled back by max|x| / 127."""
+    blocks = x.numpy().reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    codes = np.rint(blocks * inv)
+    assert np.abs(codes).max() <= 127
+    return (codes.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_int8_activations_multiply_the_rounded_inputs(qtype, gguf_tensors, kernels_variant):
+    """With int8_activations, a type with such a kernel computes the dequantized weights times x rounded per
+    block to 8 bits, within float32 rounding; the other types (and other builds) are unchanged."""
+    has_int8 = quant.isa() == "avx2" and qtype in INT8_TYPES
+    assert (int(qtype) in quant.int8_types()) == has_int8
+    gen = torch.Generator().manual_seed(10 + int(qtype))
+    for tensor in gguf_tensors[qtype]:
+        w = quant.QuantizedWeight.from_gguf(tensor)
+        ref = reference(tensor)
+        for tokens in (1, 2, 3, 5, 16):
+            x = torch.randn(tokens, w.cols, generator=gen) * torch.rand(tokens, 1, generator=gen) * 4
+            y = quant.matmul(x, w, int8_activations=True)
+            if not has_int8:
+                assert torch.equal(y, quant.matmul(x, w))
+                continue
+            expected = int8_rounded(x) @ ref.astype(np.float64).T
+            bound = (w.cols + 4) * U32 * (np.abs(int8_rounded(x)) @ np.abs(ref.astype(np.float64)).T) + 1e-30
+            err = np.abs(y.double().numpy() - expected)
+            assert (err <= bound).all(), f"max error {err.max():.3g}, bound there {bound.flat[err.argmax()]:.3g}"
+            # rounding the inputs shows: the float32 path's result lies outside float32 rounding of this one
+            assert ((y - quant.matmul(x, w)).abs().double().numpy() > bound).any()
+            # each row alone gives the same bits as in the batch
+            assert torch.equal(torch.cat([quant.matmul(x[i : i + 1], w, int8_activations=True) for i in range(tokens)]), y)
+    zeros = torch.zeros(2, w.cols)  # an all-zero block has scale 0, not a division by zero
+    assert torch.equal(quant.matmul(zeros, w, int8_activations=True), torch.zeros(2, w.rows))
+
+
 def test_matmul_multi_mixed_types_equals_concatenation(kernels_variant):
     rng = np.random.default_rng(3)
     specs = [(Q.Q4_K, 17), (Q.Q6_K, 3), (Q.Q8_0, 33), (Q.Q4_1, 2), (Q.F16, 1), (Q.BF16, 5), (Q.Q5_K, 4)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from localchat.engine import SamplingParams
-from localchat.engine.sampler import apply_presence_frequency_penalties, sample, top_alternatives
+from localchat.engine.sampler import apply_presence_frequency_penalties, greedy_ids, rows_finite, sample, top_alternatives
 from localchat.engine.sequence import Sequence
 
 
@@ -150,3 +150,22 @@ def test_seeded_rows_draw_the_same_tokens_in_any_batch():
     alone = sampler.sample(logits[:1].clone(), [seeded(7)]).token_ids[0]
     mixed = sampler.sample(logits.clone(), [seeded(7), seq([0], [], **params), seeded(8)], torch.Generator().manual_seed(0)).token_ids
     assert mixed[0] == alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_rows_and_greedy_ids_agree_with_torch(dtype):
+    """The numpy shortcuts for float32 CPU logits (and the torch path for the rest) against torch itself:
+    NaN, +inf and -inf anywhere in a row, and ties (the first of equal maxima wins)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 1000, generator=gen).to(dtype)
+    logits[1, 0], logits[2, 999], logits[3, 500], logits[4, 7] = float("nan"), float("inf"), float("-inf"), float("nan")
+    logits[4, 8] = float("inf")
+    assert rows_finite(logits) == torch.isfinite(logits).all(dim=-1).tolist() == [True, False, False, False, False, True, True, True]
+    ties = torch.zeros(3, 1000, dtype=dtype)
+    ties[0, [5, 9]] = 2.0
+    ties[1, [999, 3]] = 1.0
+    assert greedy_ids(ties) == ties.argmax(dim=-1).tolist() == [5, 3, 0]
+    finite = logits[[0, 5, 6, 7]]
+    assert greedy_ids(finite) == finite.argmax(dim=-1).tolist()
+    with torch.inference_mode():  # the engine's logits are inference tensors
+        assert rows_finite(logits.clone()) == rows_finite(logits)

@@ -65,7 +65,8 @@ def suite_quality(ctx, sizes, report, state: dict) -> None:
     ours = greedy_replies(ctx.loaded, prompts, sizes.quality_tokens)
     ref = greedy_replies(reference, prompts, sizes.quality_tokens)
     agree = agreement(ours, ref)
-    details = report.details["quality"] = {"weights": ctx.weights, "reply_tokens": sizes.quality_tokens, **agree}
+    details = report.details["quality"] = {"weights": ctx.weights, "activations": ctx.activations,
+                                           "reply_tokens": sizes.quality_tokens, **agree}
     report.add("quality", f"greedy replies identical to float32 (of {agree['prompts']})", agree["identical"], None, "", "replies")
     report.add("quality", "tokens in the common prefix with float32", agree["common_prefix_share"], None, "", "share")
     ids = perplexity_ids(ctx.tokenizer)
@@ -75,6 +76,14 @@ def suite_quality(ctx, sizes, report, state: dict) -> None:
     ref_ppl = perplexity(reference, ids)
     details.update({"perplexity_tokens": len(ids), "perplexity": ppl, "perplexity_float32": ref_ppl})
     report.add("quality", "perplexity of the fixed text", ppl, ref_ppl, "float32 reference", "ppl")
+    if ctx.activations == "int8":  # the same weights with exact activations: what the 8-bit inputs cost
+        with ctx.float32_activations():
+            exact = agreement(greedy_replies(ctx.loaded, prompts, sizes.quality_tokens), ref)
+            exact_ppl = perplexity(ctx.loaded, ids)
+        details.update({"float32_activations": exact, "perplexity_float32_activations": exact_ppl})
+        report.add("quality", f"greedy replies identical to float32, float32 activations (of {exact['prompts']})",
+                   exact["identical"], None, "", "replies")
+        report.add("quality", "perplexity of the fixed text", ppl, exact_ppl, "ours, float32 activations", "ppl")
     if ctx.gguf_path is not None:
         try:
             lc = llama_cpp_perplexity(ctx.gguf_path, ids)

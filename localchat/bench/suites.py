@@ -158,7 +158,7 @@ def suite_decode(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -
     ids_ours = runs[0][1]
     state["decode_ids_ours"] = ids_ours
     details = report.details["decode"] = {"prompt_tokens": len(prompt), "tokens": n, "runs_ours": [r for r, _ in runs],
-                                          "weights": ctx.weights}
+                                          "weights": ctx.weights, "activations": ctx.activations}
     if ctx.hf_model is not None:
         hf_runs = [_hf_decode_once(ctx, prompt, n) for _ in range(sizes.decode_repeats)]
         ids_hf = hf_runs[0][1]
@@ -168,6 +168,11 @@ def suite_decode(ctx: BenchContext, sizes: Sizes, report: Report, state: dict) -
     else:
         report.add("decode", "single-sequence decode", ours, None, "", "tok/s")
     _decode_llama_cpp(ctx, report, details, "single-sequence decode", ours, prompt, n, sizes.decode_repeats)
+    if ctx.activations == "int8":  # what rounding the matmuls' inputs to 8 bits buys (bench quality: what it costs)
+        with ctx.float32_activations():
+            exact = [_decode_once(engine, prompt, n)[0] for _ in range(sizes.decode_repeats)]
+        details["runs_ours_float32_activations"] = exact
+        report.add("decode", "single-sequence decode", ours, statistics.median(exact), "ours, float32 activations", "tok/s")
     # Decode slows as attention grows: the same at a long context.
     long_prompt = [rng.randrange(min(100, vocab // 4), vocab) for _ in range(sizes.decode_long_prompt)]
     long_runs = [_decode_once(engine, long_prompt, n)[0] for _ in range(sizes.decode_repeats)]

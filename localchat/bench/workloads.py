@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import random
 import time
@@ -101,20 +103,37 @@ class BenchContext:
     def weights(self) -> str:
         return getattr(self.loaded, "weights", str(self.loaded.dtype).removeprefix("torch."))
 
+    @property
+    def activations(self) -> str:
+        return getattr(self.loaded, "activations", "float32")
+
+    @contextlib.contextmanager
+    def float32_activations(self):
+        """Our model with exact float32 activations for a while, to measure what int8 ones gain and cost
+        (a change only when `activations` is "int8")."""
+        native = self.loaded.model.native
+        saved = native.int8_activations
+        native.int8_activations = False
+        try:
+            yield
+        finally:
+            native.int8_activations = saved
+
     def engine(self, **config: Any):
         from localchat.engine import Engine, EngineConfig
 
         return Engine.from_loaded(self.loaded, EngineConfig(**{**self.engine_defaults, **config}))
 
 
-def load_context(model_name: str | None, dtype: torch.dtype | str | None, weights: str | None = None) -> BenchContext:
+def load_context(model_name: str | None, dtype: torch.dtype | str | None, weights: str | None = None,
+                 activations: str | None = None) -> BenchContext:
     """Our model as a user would run it (a GGUF's own quantized weights by default on the CPU), and
     transformers on the same weights in the dtype of our dense path (the baseline)."""
     from transformers import AutoModelForCausalLM
 
     from localchat.model import load_model
 
-    loaded = load_model(model_name, dtype=dtype, device="cpu", weights=weights)
+    loaded = load_model(model_name, dtype=dtype, device="cpu", weights=weights, activations=activations)
     hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.dtype).eval()
     return BenchContext(loaded=loaded, hf_model=hf, gguf_path=find_gguf(loaded.spec))
 

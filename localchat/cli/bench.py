@@ -29,16 +29,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sizes.hf_batch = args.hf_batch
     started = time.perf_counter()
     try:
-        ctx = load_context(args.model, args.dtype, args.weights)
+        ctx = load_context(args.model, args.dtype, args.weights, args.activations)
         ctx.engine_defaults["attention"] = args.attention
     except ValueError as exc:
         return error(str(exc))
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    log(f"[bench] model {ctx.model_name} weights {ctx.weights} dtype {ctx.dtype} threads {torch.get_num_threads()} load {_loadavg()}")
+    log(f"[bench] model {ctx.model_name} weights {ctx.weights} activations {ctx.activations} dtype {ctx.dtype} threads {torch.get_num_threads()} load {_loadavg()}")
     report = run_bench(ctx, suites, sizes, log)
     report.details["total_seconds"] = time.perf_counter() - started
     print(report.table())
-    print(f"weights {ctx.weights}, dtype {ctx.dtype}, {torch.get_num_threads()} threads, load {report.details['env']['load_avg']} -> "
+    print(f"weights {ctx.weights}, {ctx.activations} activations, dtype {ctx.dtype}, {torch.get_num_threads()} threads, load {report.details['env']['load_avg']} -> "
           f"{report.details['env']['load_avg_end']}, {report.details['total_seconds']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2, default=str))
@@ -52,6 +52,8 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
     p.add_argument("--weights", default=None, choices=("gguf", "bfloat16", "float32"),
                    help="gguf: the GGUF's own quantized weights (the default for a GGUF model); or dense weights")
+    p.add_argument("--activations", default=None, choices=("float32", "int8"),
+                   help="with gguf weights: what the quantized matmuls' inputs are (see generate --help)")
     p.add_argument("--dtype", default=None, help="dense weights' type, bfloat16 or float32 (default: the engine's default)")
     p.add_argument("--model", default=None, help="model name from models.yaml")
     p.add_argument("--attention", default="auto", choices=("auto", "torch", "triton"), help="paged-attention kernels (see generate --help)")

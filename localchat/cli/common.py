@@ -22,6 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, choices=("gguf", "bfloat16", "float32", "float16"),
                    help="gguf: the GGUF file's own quantized weights (the default on the CPU for a GGUF model); "
                         "bfloat16/float32/float16: dense weights of that type (float32 is the exactness reference)")
+    p.add_argument("--activations", default=None, choices=("float32", "int8"),
+                   help="with gguf weights: int8 rounds each block of 32 inputs of a matmul to 8 bits (faster where the CPU "
+                        "lacks AVX-512, the default there); float32 keeps them exact (the default elsewhere)")
     p.add_argument("--dtype", default=None, help="dense weights' type: float32 or bfloat16 on CPU; float16/bfloat16 on CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--block-size", type=int, default=settings.DEFAULT_BLOCK_SIZE, help="tokens per KV block")
@@ -44,6 +47,7 @@ def engine_spec(args: argparse.Namespace) -> dict:
         "model": args.model,
         "dtype": args.dtype,
         "weights": args.weights,
+        "activations": args.activations,
         "device": args.device,
         "threads": args.threads,
         "config": {
@@ -59,13 +63,13 @@ def engine_spec(args: argparse.Namespace) -> dict:
 
 
 def build_engine(model: str | None, dtype: str | None, device: str | None, threads: int | None, config: dict,
-                 weights: str | None = None):
+                 weights: str | None = None, activations: str | None = None):
     """Load the model and build its engine (raises ValueError subclasses for bad values or unknown models)."""
     import torch
 
     from localchat.engine import Engine, EngineConfig
     from localchat.model import load_model, resolve_model
-    from localchat.model.loader import resolve_weights
+    from localchat.model.loader import resolve_activations, resolve_weights
 
     if threads:
         torch.set_num_threads(threads)
@@ -79,8 +83,9 @@ def build_engine(model: str | None, dtype: str | None, device: str | None, threa
         select_backend(engine_config.attention, torch.device(device).type)
     spec = resolve_model(model)
     weights, torch_dtype = resolve_weights(weights, dtype, spec, torch.device(device))
+    resolve_activations(activations, weights)  # a bad choice is refused before the model loads
     check_memory(spec, torch_dtype, device, engine_config, weights)  # refuse now rather than be killed half way
-    loaded = load_model(spec, dtype=dtype, device=device, weights=weights)
+    loaded = load_model(spec, dtype=dtype, device=device, weights=weights, activations=activations)
     return Engine.from_loaded(loaded, engine_config)
 
 

@@ -20,7 +20,7 @@ from localchat.engine.block_manager import BlockManager
 from localchat.engine.model_runner import ModelRunner, kv_bytes_per_block, num_blocks_for_budget
 from localchat.engine.outputs import CompletionOutput, RequestOutput
 from localchat.engine.requests import EngineInfo, Request, RequestError, RequestFactory
-from localchat.engine.sampler import sample
+from localchat.engine.sampler import rows_finite, sample
 from localchat.engine.sampling_params import SamplingParams
 from localchat.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from localchat.engine.sequence import Sequence
@@ -149,7 +149,8 @@ class Engine:
             config=config,
             model_name=loaded.name,
             weights={"weights": getattr(loaded, "weights", str(loaded.dtype).removeprefix("torch.")),
-                     "weight_bytes_per_token": getattr(loaded, "weight_bytes_per_token", 0)},
+                     "weight_bytes_per_token": getattr(loaded, "weight_bytes_per_token", 0),
+                     "activations": getattr(loaded, "activations", "float32")},
             eos_token_ids=loaded.eos_token_ids,
         )
 
@@ -328,7 +329,7 @@ class Engine:
     def _sample(self, sched: SchedulerOutput, logits: torch.Tensor, touched: dict[str, Request]) -> None:
         completing = [w.seq for w in sched.work if w.completes_sequence]
         # A row of NaN or inf (overflow, a broken kernel) can't be sampled: fail its request alone.
-        finite = torch.isfinite(logits).all(dim=-1).tolist() if completing else []
+        finite = rows_finite(logits) if completing else []
         bad = {seq.request_id for seq, ok in zip(completing, finite) if not ok}
         if bad:
             self.fail_requests(bad, "the model produced non-finite logits (NaN or inf) for this request", touched)

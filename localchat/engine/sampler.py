@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from localchat.engine.sequence import Sequence
@@ -59,6 +60,31 @@ def apply_presence_frequency_penalties(logits: torch.Tensor, seqs: list[Sequence
     penalty = counts * freq[:, None] + (counts > 0).to(logits.dtype) * pres[:, None]
     # Out of place: the step's logits may be an inference-mode tensor, which refuses in-place updates.
     return logits.index_put((index,), logits[index] - penalty)
+
+
+def _cpu_float32(logits: torch.Tensor) -> np.ndarray | None:
+    """The logits as a numpy array when they are float32 on the CPU (a view, no copy), else None.
+
+    Why: torch's CPU argmax and isfinite().all() walk a row one element at a time; on the test machines they
+    took ~130 and ~140 us for one row of the default model's 49,152 logits, numpy's vectorized argmax, max and
+    min 6-7 us each. At ~80 tokens a second a step is ~12 ms, so that was 2% of each token."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return None
+    return logits.numpy()
+
+
+def rows_finite(logits: torch.Tensor) -> list[bool]:
+    """For each row of [rows, vocab] logits: whether it is free of NaN and infinities."""
+    values = _cpu_float32(logits)
+    if values is None:
+        return torch.isfinite(logits).all(dim=-1).tolist()
+    return (np.isfinite(values.max(axis=-1)) & np.isfinite(values.min(axis=-1))).tolist()  # max and min keep NaN
+
+
+def greedy_ids(logits: torch.Tensor) -> list[int]:
+    """The most likely token of each row (the first, on ties, as torch.argmax)."""
+    values = _cpu_float32(logits)
+    return logits.argmax(dim=-1).tolist() if values is None else values.argmax(axis=-1).tolist()
 
 
 def top_alternatives(logprobs_all: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple[int, float]] | None] | None:
@@ -160,7 +186,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.
     logits = apply_repetition_penalty(logits, seqs)
     logits = apply_presence_frequency_penalties(logits, seqs)
     logprobs_all = torch.log_softmax(logits, dim=-1)
-    token_ids = logits.argmax(dim=-1).tolist()
+    token_ids = greedy_ids(logits)
     rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
     picked = sample_candidates(logits[rows], [seqs[r] for r in rows], default_generator) if rows else []
     for row, token in zip(rows, picked):

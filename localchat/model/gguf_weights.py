@@ -168,7 +168,7 @@ def read_gguf_weights(path: str | Path, config) -> GGUFWeights:
 
 def dequantized_rows(weight: QuantizedWeight, ids: torch.Tensor) -> torch.Tensor:
     """Float32 rows `ids` of a quantized table (the embedding lookup of a step's tokens)."""
-    return weight.select_rows(ids).dequantize(torch.float32)
+    return weight.dequantize_rows(ids.tolist())
 
 
 __all__ = ["GGUFWeights", "GGUFWeightsError", "LayerWeights", "dequantized_rows", "qk_unpermute_index", "read_gguf_weights"]

@@ -55,6 +55,7 @@ class LoadedModel:
     context_length: int | None = None  # the context the model was checked for (the engine's max_model_len)
     weights: str = "float32"  # "gguf:<types>" (the file's own quantized blocks), or the dense weights' dtype
     weight_bytes_per_token: int = 0  # weight bytes one decode step streams
+    activations: str = "float32"  # "int8" where the quantized matmuls quantize x per block (resolve_activations)
 
 
 # ---- locating source files ---------------------------------------------------------------------
@@ -299,13 +300,14 @@ def _tokenizer(directory: Path, spec: ModelSpec) -> Any:
 
 def load_model(
     name: str | ModelSpec | None = None, dtype: torch.dtype | str | None = None, device: str | None = None,
-    weights: str | None = None,
+    weights: str | None = None, activations: str | None = None,
 ) -> LoadedModel:
     """Load a model (registry name, path, or spec): config, tokenizer (with its chat template) and our
     forward's weights. The architecture is checked before anything is converted or loaded.
 
     `weights` (see resolve_weights): "gguf" runs small steps on the GGUF file's own quantized blocks,
-    "bfloat16"/"float32"/"float16" run dense weights of that type (float32 is the exactness reference)."""
+    "bfloat16"/"float32"/"float16" run dense weights of that type (float32 is the exactness reference).
+    `activations` (see resolve_activations) applies to "gguf" weights only."""
     from transformers import AutoConfig
 
     from localchat.model.architectures import check_supported
@@ -315,6 +317,8 @@ def load_model(
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = weights is not None
     weights, torch_dtype = resolve_weights(weights, dtype, spec, torch_device)
+    wanted = resolve_activations(activations, weights)
+    activations = "float32"  # what runs: int8 only on the GGUF's blocks, below
     check_supported(model_config(spec), spec.context_length)  # refuse before a (long) GGUF conversion
     directory, converted = weights_dir(spec)
     config = AutoConfig.from_pretrained(directory)
@@ -334,6 +338,7 @@ def load_model(
         else:
             bytes_per_token = quantized.bytes_per_token()
             weights = "gguf:" + "+".join(sorted(quantized.types()))
+            activations = _set_activations(model.native, quantized, wanted)
     return LoadedModel(
         name=spec.name,
         spec=spec,
@@ -349,6 +354,7 @@ def load_model(
         context_length=context_length(config, spec.context_length),
         weights=weights,
         weight_bytes_per_token=bytes_per_token,
+        activations=activations,
     )
 
 
@@ -382,6 +388,42 @@ def resolve_weights(weights: str | None, dtype, spec: ModelSpec, device: torch.d
         raise ValueError("--weights gguf needs the native CPU kernels, which could not be built (is g++ installed?)")
     # The prompt chunks' dense weights, their activations and the KV pool: bfloat16 where the CPU multiplies it.
     return "gguf", default_dtype("cpu") if dtype is None else parse_dtype(dtype)
+
+
+ACTIVATIONS = ("float32", "int8")
+
+
+def resolve_activations(activations: str | None, weights: str) -> str:
+    """What x is in the quantized matmuls of "gguf" weights: "float32" (exact), or "int8", each block of 32
+    values rounded to 8 bits with one scale, which lets the kernels sum a block's products in integers.
+
+    Without a choice: int8 where the kernels are the AVX2 ones, whose float path is bound by widening 4-bit
+    codes to floats (there int8 ran the default model's decode ~1.3x faster, and `bench quality` measures what
+    it costs: benchmarks/NOTES.md, session 9); float32 where AVX-512 looks codes up in registers.
+    """
+    from kernels import quant
+
+    if activations is not None and activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if weights != "gguf":
+        if activations == "int8":
+            raise ValueError("--activations int8 runs with the GGUF's own weights (--weights gguf) only")
+        return "float32"
+    if activations is None:
+        return "int8" if quant.isa() == "avx2" else "float32"
+    return activations
+
+
+def _set_activations(native, quantized, wanted: str) -> str:
+    """Tell the native forward its activations: int8 only when some tensor's type has an int8 kernel on
+    this CPU (kernels.quant.int8_types); returns what runs."""
+    from gguf import GGMLQuantizationType
+
+    from kernels import quant
+
+    names = {GGMLQuantizationType(q).name for q in quant.int8_types()}
+    native.int8_activations = wanted == "int8" and bool(quantized.types().keys() & names)
+    return "int8" if native.int8_activations else "float32"
 
 
 def dense_bytes_per_token(model: LlamaForCausalLM) -> int:
