@@ -15,10 +15,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
 
-from localchat.engine.engine import Engine
 from localchat.engine.outputs import RequestOutput
 from localchat.engine.requests import EngineInfo, Request, RequestFactory
+
+if TYPE_CHECKING:  # the engine (torch, the model) is imported only where one runs
+    from localchat.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
