@@ -1,5 +1,5 @@
 """Crash safety: the real app (`localchat app` on a tiny model) streams replies into two browser tabs
-and is killed with SIGKILL at a random moment, 6 times over one database (LOCALCHAT_CRASH_ITERATIONS for more:
+and is killed with SIGKILL at a random moment, 4 times over one database (LOCALCHAT_CRASH_ITERATIONS for more:
 each round restarts the app, ~25 s on an AVX2-only 2-core host). Every message the database
 held before the kill is there after it (a reply still streaming may only have grown), `PRAGMA
 integrity_check` passes, the engine's process does not outlive the app, and on restart the partial
@@ -19,7 +19,7 @@ import pytest
 from conftest import skip_or_fail
 from helpers.tiny_app import AppProcess, integrity, read_messages, save_tiny_model
 
-ITERATIONS = int(os.environ.get("LOCALCHAT_CRASH_ITERATIONS", "6"))
+ITERATIONS = int(os.environ.get("LOCALCHAT_CRASH_ITERATIONS", "4"))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -61,7 +61,7 @@ def reference_ids(smol, smol_reference, chat_prompts):
     return out
 
 
-@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("block_size", [1, 16])  # one token a block (every boundary), and the default
 def test_greedy_ids_equal_transformers_generate(smol, chat_prompts, reference_ids, block_size):
     engine = Engine.from_loaded(smol, EngineConfig(block_size=block_size, num_blocks=4096 // block_size * 2))
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)

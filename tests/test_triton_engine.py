@@ -1,5 +1,5 @@
 """The whole engine on the Triton kernels (`--attention triton`), run on the CPU under Triton's interpreter: the
-default model's greedy ids for a prompt of a few hundred tokens, n = 2, equal those of the CPU's own path."""
+default model's greedy ids for a prompt of over 150 tokens, n = 2, equal those of the CPU's own path."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from conftest import skip_or_fail
 pytestmark = pytest.mark.slow
 
 PROMPT = "Summarize the following notes about rivers. " + " ".join(
-    ["The river flows from the mountains to the sea, passing farms and towns."] * 20
+    ["The river flows from the mountains to the sea, passing farms and towns."] * 10
 )
 
 
@@ -35,7 +35,7 @@ def test_greedy_ids_under_the_interpreter_equal_the_cpu_path():
     if importlib.util.find_spec("triton") is None:
         skip_or_fail("triton is not installed (pip install triton; bootstrap.sh installs it)")
     triton, cpu = generate("triton"), generate("auto")
-    assert len(cpu["prompt_token_ids"]) > 300
+    assert len(cpu["prompt_token_ids"]) > 150  # ten blocks of 16 and a partial one
     ids = [o["token_ids"] for o in triton["outputs"]]
     assert ids == [o["token_ids"] for o in cpu["outputs"]]
     assert len(ids) == 2 and all(len(i) == 6 for i in ids)

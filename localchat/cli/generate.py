@@ -71,6 +71,8 @@ def _requests(args: argparse.Namespace, params) -> list[dict]:
     if args.requests is None:
         if args.system:
             return [{"messages": [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}], "params": params}]
+        if not args.prompt:  # refused before the model loads (seconds), as the engine would refuse it after
+            raise ValueError("the prompt is empty: give a PROMPT with some text")
         return [{"prompt": args.prompt, "params": params}]
     path = Path(args.requests)
     if not path.is_file():

@@ -394,24 +394,22 @@ ACTIVATIONS = ("float32", "int8")
 
 
 def resolve_activations(activations: str | None, weights: str) -> str:
-    """What x is in the quantized matmuls of "gguf" weights: "float32" (exact), or "int8", each block of 32
-    values rounded to 8 bits with one scale, which lets the kernels sum a block's products in integers.
+    """What x is in the quantized matmuls of "gguf" weights: "float32" (exact, the default), or "int8", each
+    block of 32 values rounded to 8 bits with one scale, which lets the AVX2 kernels sum a block's products in
+    integers (the default model decodes ~1.27x faster there; AVX-512 builds have no such kernels and run float32).
 
-    Without a choice: int8 where the kernels are the AVX2 ones, whose float path is bound by widening 4-bit
-    codes to floats (there int8 ran the default model's decode ~1.3x faster, and `bench quality` measures what
-    it costs: benchmarks/NOTES.md, session 9); float32 where AVX-512 looks codes up in registers.
+    int8 is not the default because of what it costs: on the default model the greedy reply to "What is the
+    capital of France?" becomes nonsense with it ("L'Étoile, la Marsebeau, ..."; llama.cpp, which rounds its
+    activations the same way, answers the same nonsense), where float32 answers "The capital of France is
+    Paris." (benchmarks/NOTES.md, session 9).
     """
-    from kernels import quant
-
     if activations is not None and activations not in ACTIVATIONS:
         raise ValueError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
     if weights != "gguf":
         if activations == "int8":
             raise ValueError("--activations int8 runs with the GGUF's own weights (--weights gguf) only")
         return "float32"
-    if activations is None:
-        return "int8" if quant.isa() == "avx2" else "float32"
-    return activations
+    return activations or "float32"
 
 
 def _set_activations(native, quantized, wanted: str) -> str:
