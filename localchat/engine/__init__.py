@@ -2,11 +2,9 @@
 sampling, the model runner, and the Engine with its background driver. It knows token sequences,
 forks and prefixes; nothing of conversations."""
 
-import importlib
+from localchat.lazy import lazy_attributes
 
-# Names are looked up in their modules on first use: the app's page process imports the engine's client
-# types (driver, requests, sampling_params) without torch and the model code, which only the engine process
-# needs (its imports then run beside the page's; localchat/cli/app.py).
+# Each name's module, imported on first use (localchat/lazy.py says why).
 _WHERE = {
     "EngineClient": "driver", "EngineDriver": "driver", "EngineStopped": "driver", "RequestFailed": "driver",
     "RequestStream": "driver", "Engine": "engine", "EngineConfig": "engine", "EngineProcess": "process",
@@ -15,11 +13,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"localchat.engine.{_WHERE[name]}"), name)
-
+__getattr__ = lazy_attributes(__name__, _WHERE)
 
 __all__ = [
     "CompletionOutput",

@@ -1,10 +1,9 @@
 """The model layer: which models exist (registry), loading them (loader), the forward pass (llama) and
 the one way text becomes prompt ids (chat_template)."""
 
-import importlib
+from localchat.lazy import lazy_attributes
 
-# Looked up on first use, as localchat/engine/__init__.py: chat_template and the registry need neither torch
-# nor transformers.
+# Each name's module, imported on first use (localchat/lazy.py says why).
 _WHERE = {
     "UnsupportedModelError": "llama", "LoadedModel": "loader", "default_dtype": "loader", "load_model": "loader",
     "parse_dtype": "loader", "ModelNotFoundError": "registry", "ModelSpec": "registry", "ModelUnavailableError": "registry",
@@ -12,11 +11,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"localchat.model.{_WHERE[name]}"), name)
-
+__getattr__ = lazy_attributes(__name__, _WHERE)
 
 __all__ = [
     "LoadedModel",

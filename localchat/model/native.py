@@ -6,9 +6,10 @@ embeddings, computes rope's cos/sin once, and applies the final norm and the LM 
 Larger steps (long prompt chunks, big batches) stay on the torch path of localchat/model/llama.py with
 dense weights, where a matrix-matrix product is faster than streaming blocks token by token.
 
-Activations are float32 here, unless `int8_activations` (loader.resolve_activations) has the quantized matmuls
-round each block of 32 inputs to 8 bits where the kernels have that path; the K/V pool is the model's (bfloat16 where the CPU has it), shared with the
-torch path, which writes the same slots for the prompt chunks it runs.
+Activations are float32 here, unless `int8_activations` (loader.resolve_activations) has the quantized
+matmuls round each block of 32 inputs to 8 bits where the kernels have that path; the K/V pool is the
+model's (bfloat16 where the CPU has it), shared with the torch path, which writes the same slots for the
+prompt chunks it runs.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ NATIVE_MAX_TOKENS = 8
 class NativeForward:
     """What LlamaForCausalLM.forward delegates small steps to when its weights came from a GGUF."""
 
-    def __init__(self, config, weights: GGUFWeights, inv_freq: torch.Tensor, attention_scaling: float,
-                 int8_activations: bool = False) -> None:
+    def __init__(self, config, weights: GGUFWeights, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         self.config = config
-        self.int8_activations = int8_activations
+        self.int8_activations = False  # set by the loader (loader._set_activations)
         self.weights = weights
         self.inv_freq = inv_freq.to(torch.float32)
         self.attention_scaling = attention_scaling
