@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native_build
-from .quant import QuantizedWeight, _QWeight
+from .quant import QuantizedWeight, _QWeight, activation_bits
 
 SOURCE = native_build.CSRC / "decode_step.cpp"
 _ERRORS = {-1: "a weight type the kernels don't have", -2: "a weight whose shape doesn't fit its type",
@@ -44,7 +44,7 @@ class _Step(ctypes.Structure):  # StepDesc in csrc/decode_step.cpp
         ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("kv_bf16", ctypes.c_int64), ("block_size", ctypes.c_int64),
         ("slots", ctypes.c_void_p), ("block_tables", ctypes.c_void_p), ("table_stride", ctypes.c_int64),
         ("token_table", ctypes.c_void_p), ("token_ctx", ctypes.c_void_p),
-        ("scratch", ctypes.c_void_p), ("num_threads", ctypes.c_int64), ("int8_activations", ctypes.c_int64),
+        ("scratch", ctypes.c_void_p), ("num_threads", ctypes.c_int64), ("activation_bits", ctypes.c_int64),
     ]
 
 
@@ -122,9 +122,9 @@ class StepPlan:
         return _Layer(*weights, *(_ptr(t) for t in floats), l.k_cache.data_ptr(), l.v_cache.data_ptr())
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-            token_table: torch.Tensor, token_ctx: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
+            token_table: torch.Tensor, token_ctx: torch.Tensor, activations: str = "float32") -> torch.Tensor:
         """Every layer for x [T, hidden] float32 (updated in place and returned); cos/sin float32 [T, head_dim/2];
-        slots int64 [T]; block_tables int32 [S, width]; token_table, token_ctx int32 [T]. int8_activations: as
+        slots int64 [T]; block_tables int32 [S, width]; token_table, token_ctx int32 [T]. activations: as
         quant.matmul's."""
         lib = library()
         if lib is None:
@@ -139,7 +139,7 @@ class StepPlan:
         step = _Step(len(self._layers), d["hidden"], d["heads"], d["kv_heads"], d["head_dim"], d["inter"],
                      self.eps, self.scale, ctypes.addressof(self._layers), T, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                      self.kv_bf16, self.block_size, slots.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
-                     token_table.data_ptr(), token_ctx.data_ptr(), self._scratch.data_ptr(), threads, int(int8_activations))
+                     token_table.data_ptr(), token_ctx.data_ptr(), self._scratch.data_ptr(), threads, activation_bits(activations))
         status = lib.localchat_decode_step(ctypes.byref(step))
         if status:
             raise ValueError(f"native decode step: {_ERRORS.get(status, status)}")

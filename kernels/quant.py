@@ -272,13 +272,19 @@ def _bad_out(out: torch.Tensor, tokens: int, width: int) -> ValueError:
     return ValueError(f"out must be [{tokens}, {width}] (or [{width}] for a 1-D x) with unit column stride, got {tuple(out.shape)}")
 
 
-def matmul(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None = None, *, int8_activations: bool = False) -> torch.Tensor:
+# What the quantized matmuls' inputs are rounded to, per block of 32 values with one scale, where the weight's
+# type has integer-activation kernels in the build (integer_types(); csrc/integer_activations.h says why), as
+# the C calls' activation_bits. float32 uses x as it is.
+ACTIVATION_BITS = {"float32": 0, "int16": 16, "int8": 8}
+
+
+def matmul(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None = None, *, activations: str = "float32") -> torch.Tensor:
     """y = x @ w^T: x float32 [T, cols] (or [cols]), y float32 [T, rows] (or [rows]), written into `out` if given."""
-    return matmul_multi(x, (w,), out, int8_activations=int8_activations)
+    return matmul_multi(x, (w,), out, activations=activations)
 
 
 def matmul_multi(x: torch.Tensor, weights: Sequence[QuantizedWeight], out: torch.Tensor | None = None, *,
-                 int8_activations: bool = False) -> torch.Tensor:
+                 activations: str = "float32") -> torch.Tensor:
     """torch.cat([x @ w^T for w in weights], -1), in one parallel region and without the concatenation.
 
     All weights must have x's column count; their types may differ. x is float32 [T, cols] or [cols]; `out`
@@ -286,10 +292,11 @@ def matmul_multi(x: torch.Tensor, weights: Sequence[QuantizedWeight], out: torch
     of a wider buffer), or [sum of rows] for a 1-D x. Each output element is summed in the same order whatever
     T or the thread count: results are bitwise batch-invariant.
 
-    int8_activations: the weights whose type has an int8-activation kernel here (int8_types()) multiply x with
-    each block of 32 values rounded to 8 bits (csrc/q8_activations.h); the others, and the fallback without the
-    library, use x as it is.
+    activations: a key of ACTIVATION_BITS. "int16" or "int8": the weights whose type has integer-activation
+    kernels here (integer_types()) multiply x with each block of 32 values rounded to that many bits; the
+    others, and the fallback without the library, use x as it is.
     """
+    bits = activation_bits(activations)
     group = _group(weights)
     cols, width = group.cols, group.width
     if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not x.is_cpu:
@@ -324,7 +331,7 @@ def matmul_multi(x: torch.Tensor, weights: Sequence[QuantizedWeight], out: torch
     else:
         status = lib.localchat_quant_matmul(
             x2.data_ptr(), tokens, strides[0], cols, group.descs, len(group.descs), y.data_ptr(), y_stride,
-            torch.get_num_threads(), int(int8_activations),
+            torch.get_num_threads(), bits,
         )
         if status:
             _check_status(status)
@@ -340,15 +347,23 @@ def _matmul_fallback(x: torch.Tensor, weights: Sequence[QuantizedWeight], y: tor
         col += w.rows
 
 
-def int8_types(lib: ctypes.CDLL | None = None) -> frozenset[int]:
-    """The block types with an int8-activation kernel in `lib` (this module's library by default; none
-    outside the AVX2 build)."""
+def activation_bits(activations: str) -> int:
+    """ACTIVATION_BITS[activations], or a ValueError naming the choices."""
+    try:
+        return ACTIVATION_BITS[activations]
+    except (KeyError, TypeError):
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_BITS)}, got {activations!r}") from None
+
+
+def integer_types(lib: ctypes.CDLL | None = None) -> frozenset[int]:
+    """The block types with integer-activation kernels (8 and 16 bits) in `lib` (this module's library by
+    default; none outside the AVX2 build)."""
     lib = lib or library()
     if lib is None:
         return frozenset()
-    lib.localchat_quant_has_int8.restype = ctypes.c_int
-    lib.localchat_quant_has_int8.argtypes = [ctypes.c_int]
-    return frozenset(int(q) for q in SUPPORTED_TYPES if lib.localchat_quant_has_int8(int(q)))
+    lib.localchat_quant_has_integer.restype = ctypes.c_int
+    lib.localchat_quant_has_integer.argtypes = [ctypes.c_int]
+    return frozenset(int(q) for q in SUPPORTED_TYPES if lib.localchat_quant_has_integer(int(q)))
 
 
 def isa() -> str:

@@ -19,6 +19,9 @@ DEFAULT_TOP_P = 0.95
 
 # ---- the engine ----------------------------------------------------------------------------------
 DEFAULT_BLOCK_SIZE = 16
+# What a GGUF's quantized matmuls round their inputs to, the default first (localchat/model/loader.py
+# resolve_activations says why; kernels/quant.py ACTIVATION_BITS).
+ACTIVATIONS = ("int16", "float32", "int8")
 DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 DEFAULT_CPU_KV_CACHE_GB = 1.0

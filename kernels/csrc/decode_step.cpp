@@ -59,7 +59,7 @@ struct StepDesc {
     const int32_t* token_ctx;    // [T]: the token attends to positions [0, token_ctx)
     float* scratch;              // step_scratch_floats() floats
     int64_t num_threads;
-    int64_t int8_activations;    // 1: the matmuls' types with an int8-activation kernel run it (q8_activations.h)
+    int64_t activation_bits;     // 8 or 16: the matmuls' types with integer-activation kernels round x (0: float32)
 };
 
 inline float bf16_bits_to_float(uint16_t h) {
@@ -567,8 +567,8 @@ void gate_up_chunk(const Walk& w, const LayerDesc& L, const LayerBuffers& lb, in
     localchat_qweight g = L.gate, u = L.up;
     g.out_col = 0;
     u.out_col = s.inter;
-    run_rows(g, r0, r1, w.h, s.T, s.hidden, w.tmp, 2 * s.inter, (int)s.int8_activations);
-    run_rows(u, r0, r1, w.h, s.T, s.hidden, w.tmp, 2 * s.inter, (int)s.int8_activations);
+    run_rows(g, r0, r1, w.h, s.T, s.hidden, w.tmp, 2 * s.inter, (int)s.activation_bits);
+    run_rows(u, r0, r1, w.h, s.T, s.hidden, w.tmp, 2 * s.inter, (int)s.activation_bits);
     for (int64_t t = 0; t < s.T; ++t) {
         const float* gu = w.tmp + t * 2 * s.inter;
         float* act = lb.act + t * s.inter;
@@ -585,7 +585,7 @@ void residual_chunk(const Walk& w, const localchat_qweight& wt, const float* in,
     if (r0 >= r1) return;
     localchat_qweight ww = wt;
     ww.out_col = 0;
-    run_rows(ww, r0, r1, in, s.T, ldin, w.tmp, s.hidden, (int)s.int8_activations);
+    run_rows(ww, r0, r1, in, s.T, ldin, w.tmp, s.hidden, (int)s.activation_bits);
     for (int64_t t = 0; t < s.T; ++t)
         for (int64_t r = r0; r < r1; ++r) out[t * s.hidden + r] = base[t * s.hidden + r] + w.tmp[t * s.hidden + r];
 }
@@ -605,7 +605,7 @@ void layer(Walk& w, int64_t i) {
     normalize_rows(s, x, L.attn_norm, w.h);
     localchat_qweight qkv[3] = {L.q, L.k, L.v};
     qkv[0].out_col = 0, qkv[1].out_col = s.heads * d, qkv[2].out_col = (s.heads + s.kv_heads) * d;
-    w.run(n, [&](int c) { matmul_chunk(qkv, 3, w.h, s.T, s.hidden, lb.qkv, qkv_cols, c, n, (int)s.int8_activations); });
+    w.run(n, [&](int c) { matmul_chunk(qkv, 3, w.h, s.T, s.hidden, lb.qkv, qkv_cols, c, n, (int)s.activation_bits); });
     attention(w, L, lb);
     w.run(n, [&](int c) { residual_chunk(w, L.o, lb.attn, s.heads * d, x, lb.mid, c, n); });
     normalize_rows(s, lb.mid, L.ffn_norm, w.h);

@@ -1023,7 +1023,7 @@ void dequant_row(const uint8_t* row, int64_t cols, void* out, int bf16) {
 #endif
 }
 
-#include "q8_activations.h"
+#include "integer_activations.h"
 
 // ---------------------------------------------------------------------------------------------------------
 // Dispatch by type.
@@ -1037,15 +1037,17 @@ struct TypeOps {
     std::array<TileFn, MAX_TILE + 1> tiles;  // tiles[n]: n rows of x
     DequantFn dequant;
 #ifdef LC_AVX2
-    std::array<Q8TileFn, MAX_TILE + 1> q8_tiles;  // the same with int8 activations; null where the type has none
+    // the same with integer activations, [0] 8 bits and [1] 16 bits; null where the type has none
+    std::array<std::array<IntTileFn, MAX_TILE + 1>, 2> int_tiles;
 #endif
 };
 
 template <class B, size_t... I>
 constexpr TypeOps make_ops(std::index_sequence<I...>) {
 #ifdef LC_AVX2
-    if constexpr (!std::is_void_v<typename Q8Of<B>::type>)
-        return TypeOps{B::QK, B::BYTES, {nullptr, &tile<B, (int)I + 1>...}, &dequant_row<B>, {nullptr, &tile_q8<B, (int)I + 1>...}};
+    if constexpr (!std::is_void_v<typename IntOf<B>::type>)
+        return TypeOps{B::QK, B::BYTES, {nullptr, &tile<B, (int)I + 1>...}, &dequant_row<B>,
+                       {{{nullptr, &tile_int<B, false, (int)I + 1>...}, {nullptr, &tile_int<B, true, (int)I + 1>...}}}};
     else
         return TypeOps{B::QK, B::BYTES, {nullptr, &tile<B, (int)I + 1>...}, &dequant_row<B>, {}};
 #else
@@ -1096,11 +1098,11 @@ int localchat_quant_block(int qtype, int* qk, int* bytes) {
     return 0;
 }
 
-// 1 when this build has an int8-activation kernel for `qtype` (q8_activations.h), else 0.
-int localchat_quant_has_int8(int qtype) {
+// 1 when this build has integer-activation kernels for `qtype` (integer_activations.h), else 0.
+int localchat_quant_has_integer(int qtype) {
 #ifdef LC_AVX2
     const TypeOps* o = ops_for(qtype);
-    return o && o->q8_tiles[1] ? 1 : 0;
+    return o && o->int_tiles[0][1] ? 1 : 0;
 #else
     (void)qtype;
     return 0;
@@ -1148,18 +1150,21 @@ inline void rows_in(int64_t before, int64_t unit, int64_t rows, int64_t lo, int6
     *r1 = first_at_or_after(hi);
 }
 
-// int8: use the type's int8-activation kernel where this build has one (q8_activations.h).
+// bits (8 or 16; 0: float32): round x to integers for the type's integer-activation kernel where this build
+// has one (integer_activations.h).
 void run_rows(const localchat_qweight& w, int64_t r0, int64_t r1, const float* x, int64_t T, int64_t ldx, float* y,
-              int64_t ldy, int int8) {
+              int64_t ldy, int bits) {
     const TypeOps* o = ops_for((int)w.qtype);
 #ifdef LC_AVX2
-    if (int8 && o->q8_tiles[1]) {
-        const Q8Row* xq = q8_buffer().quantize(x, T, ldx, w.cols);
+    if (bits && o->int_tiles[0][1]) {
+        const bool wide = bits == 16;
+        const auto& tiles = o->int_tiles[wide];
+        const IntRow* xq = int_buffer().quantize(x, T, ldx, w.cols, wide);
         for (int64_t r = r0; r < r1; r += 16) {
             const int n = (int)std::min<int64_t>(16, r1 - r);
             for (int64_t t = 0; t < T; t += MAX_TILE) {
                 const int tt = (int)std::min<int64_t>(MAX_TILE, T - t);
-                o->q8_tiles[tt](w.data + r * w.row_bytes, w.row_bytes, n, w.cols, xq + t, y + t * ldy + w.out_col + r, ldy);
+                tiles[tt](w.data + r * w.row_bytes, w.row_bytes, n, w.cols, xq + t, y + t * ldy + w.out_col + r, ldy);
             }
         }
         return;
@@ -1187,7 +1192,7 @@ inline void share_of(int64_t total, int part, int parts, int64_t* lo, int64_t* h
 
 // y[t, w.out_col + r] = x @ W^T for the rows r of chunk c (of n) of the weights' summed cost.
 void matmul_chunk(const localchat_qweight* ws, int nw, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy,
-                  int c, int n, int int8) {
+                  int c, int n, int bits) {
     int64_t total = 0, before = 0, lo, hi;
     for (int i = 0; i < nw; ++i) total += unit_of(ws[i], T) * ws[i].rows;
     share_of(total, c, n, &lo, &hi);
@@ -1195,7 +1200,7 @@ void matmul_chunk(const localchat_qweight* ws, int nw, const float* x, int64_t T
         const int64_t unit = unit_of(ws[i], T);
         int64_t r0, r1;
         rows_in(before, unit, ws[i].rows, lo, hi, &r0, &r1);
-        if (r0 < r1) run_rows(ws[i], r0, r1, x, T, ldx, y, ldy, int8);
+        if (r0 < r1) run_rows(ws[i], r0, r1, x, T, ldx, y, ldy, bits);
         before += unit * ws[i].rows;
     }
 }
@@ -1207,10 +1212,11 @@ extern "C" {
 // y[t, w.out_col + r] = sum_c x[t, c] * W_w[r, c] for every weight w (all with `in` columns) and t < T.
 // Threads split the summed cost of all weights' rows (bytes streamed plus multiply-adds), so one parallel
 // region covers fused projections stored as separate tensors, even of different types.
-// int8_activations != 0: the types with an int8-activation kernel in this build run it (q8_activations.h).
+// activation_bits 8 or 16 (0: float32): the types with integer-activation kernels in this build round x to
+// that many bits per block of 32 (integer_activations.h).
 // Returns 0, -1 for an unsupported type, -2 for a shape that doesn't fit the type.
 int localchat_quant_matmul(const float* x, int64_t T, int64_t ldx, int64_t in, const localchat_qweight* ws, int n,
-                           float* y, int64_t ldy, int num_threads, int int8_activations) {
+                           float* y, int64_t ldy, int num_threads, int activation_bits) {
     int64_t total = 0;
     if (n <= 0 || n > 64) return -2;
     for (int i = 0; i < n; ++i) {
@@ -1219,7 +1225,7 @@ int localchat_quant_matmul(const float* x, int64_t T, int64_t ldx, int64_t in, c
     }
     if (T <= 0 || total == 0) return 0;
     if (num_threads <= 1 || total < SERIAL_COST) {
-        matmul_chunk(ws, n, x, T, ldx, y, ldy, 0, 1, int8_activations);
+        matmul_chunk(ws, n, x, T, ldx, y, ldy, 0, 1, activation_bits);
         return 0;
     }
     // Chunks of y's rows (chunks::share): a thread the scheduler takes away holds the others up by one chunk.
@@ -1228,7 +1234,7 @@ int localchat_quant_matmul(const float* x, int64_t T, int64_t ldx, int64_t in, c
     board.reset(1, pieces);
 #pragma omp parallel num_threads(num_threads)
     {
-        chunks::share(board.phase(0), pieces, omp_get_thread_num(), omp_get_num_threads(), [&](int c) { matmul_chunk(ws, n, x, T, ldx, y, ldy, c, pieces, int8_activations); });
+        chunks::share(board.phase(0), pieces, omp_get_thread_num(), omp_get_num_threads(), [&](int c) { matmul_chunk(ws, n, x, T, ldx, y, ldy, c, pieces, activation_bits); });
     }
     return 0;
 }

@@ -109,15 +109,15 @@ class BenchContext:
 
     @contextlib.contextmanager
     def float32_activations(self):
-        """Our model with exact float32 activations for a while, to measure what int8 ones gain and cost
-        (a change only when `activations` is "int8")."""
+        """Our model with exact float32 activations for a while, to measure what rounded ones gain and cost
+        (a change only when `activations` is "int16" or "int8")."""
         native = self.loaded.model.native
-        saved = native.int8_activations
-        native.int8_activations = False
+        saved = native.activations
+        native.activations = "float32"
         try:
             yield
         finally:
-            native.int8_activations = saved
+            native.activations = saved
 
     def engine(self, **config: Any):
         from localchat.engine import Engine, EngineConfig

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from localchat import settings
 from localchat.cli.common import error
 
 
@@ -52,7 +53,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
     p.add_argument("--weights", default=None, choices=("gguf", "bfloat16", "float32"),
                    help="gguf: the GGUF's own quantized weights (the default for a GGUF model); or dense weights")
-    p.add_argument("--activations", default=None, choices=("float32", "int8"),
+    p.add_argument("--activations", default=None, choices=settings.ACTIVATIONS,
                    help="with gguf weights: what the quantized matmuls' inputs are (see generate --help)")
     p.add_argument("--dtype", default=None, help="dense weights' type, bfloat16 or float32 (default: the engine's default)")
     p.add_argument("--model", default=None, help="model name from models.yaml")

@@ -22,9 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, choices=("gguf", "bfloat16", "float32", "float16"),
                    help="gguf: the GGUF file's own quantized weights (the default on the CPU for a GGUF model); "
                         "bfloat16/float32/float16: dense weights of that type (float32 is the exactness reference)")
-    p.add_argument("--activations", default=None, choices=("float32", "int8"),
-                   help="with gguf weights: float32 keeps the matmuls' inputs exact (the default); int8 rounds each block of "
-                        "32 to 8 bits, ~1.3x faster decoding where the CPU has AVX2 but not AVX-512, at a cost in quality")
+    p.add_argument("--activations", default=None, choices=settings.ACTIVATIONS,
+                   help="with gguf weights, where the CPU has AVX2 but not AVX-512: int16 (the default) rounds the quantized "
+                        "matmuls' inputs to 16 bits per block of 32, ~1.3x faster decoding with float32's replies; float32 "
+                        "keeps them exact; int8 rounds to 8 bits, a little faster still, at a cost in quality")
     p.add_argument("--dtype", default=None, help="dense weights' type: float32 or bfloat16 on CPU; float16/bfloat16 on CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--block-size", type=int, default=settings.DEFAULT_BLOCK_SIZE, help="tokens per KV block")

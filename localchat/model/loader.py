@@ -55,7 +55,7 @@ class LoadedModel:
     context_length: int | None = None  # the context the model was checked for (the engine's max_model_len)
     weights: str = "float32"  # "gguf:<types>" (the file's own quantized blocks), or the dense weights' dtype
     weight_bytes_per_token: int = 0  # weight bytes one decode step streams
-    activations: str = "float32"  # "int8" where the quantized matmuls quantize x per block (resolve_activations)
+    activations: str = "float32"  # "int16"/"int8" where the quantized matmuls round x per block (resolve_activations)
 
 
 # ---- locating source files ---------------------------------------------------------------------
@@ -318,7 +318,7 @@ def load_model(
     chosen = weights is not None
     weights, torch_dtype = resolve_weights(weights, dtype, spec, torch_device)
     wanted = resolve_activations(activations, weights)
-    activations = "float32"  # what runs: int8 only on the GGUF's blocks, below
+    activations = "float32"  # what runs: rounded only on the GGUF's blocks, below
     check_supported(model_config(spec), spec.context_length)  # refuse before a (long) GGUF conversion
     directory, converted = weights_dir(spec)
     config = AutoConfig.from_pretrained(directory)
@@ -390,38 +390,37 @@ def resolve_weights(weights: str | None, dtype, spec: ModelSpec, device: torch.d
     return "gguf", default_dtype("cpu") if dtype is None else parse_dtype(dtype)
 
 
-ACTIVATIONS = ("float32", "int8")
-
-
 def resolve_activations(activations: str | None, weights: str) -> str:
-    """What x is in the quantized matmuls of "gguf" weights: "float32" (exact, the default), or "int8", each
-    block of 32 values rounded to 8 bits with one scale, which lets the AVX2 kernels sum a block's products in
-    integers (the default model decodes ~1.27x faster there; AVX-512 builds have no such kernels and run float32).
+    """What x is in the quantized matmuls of "gguf" weights, where the CPU's kernels can round it
+    (kernels/csrc/integer_activations.h; AVX-512 builds have no such kernels and always run float32):
 
-    int8 is not the default because of what it costs: on the default model the greedy reply to "What is the
-    capital of France?" becomes nonsense with it ("L'Étoile, la Marsebeau, ..."; llama.cpp, which rounds its
-    activations the same way, answers the same nonsense), where float32 answers "The capital of France is
-    Paris." (benchmarks/NOTES.md, session 9).
+    - "int16", the default: each block of 32 values rounded to 16 bits with one scale. The AVX2 kernels then sum
+      a block's products in integers; on the default model greedy replies and perplexity match float32's, and
+      a decode step is ~1.3x faster (benchmarks/NOTES.md, session 10).
+    - "float32": x as it is, the exactness reference.
+    - "int8": 8 bits, as llama.cpp rounds; a little faster still, but on the default model the greedy reply to
+      "What is the capital of France?" becomes nonsense ("L'Étoile, la Marsebeau, ..."; llama.cpp answers
+      the same), so only an explicit choice runs it (session 9).
     """
-    if activations is not None and activations not in ACTIVATIONS:
-        raise ValueError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if activations is not None and activations not in settings.ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}; choose one of {', '.join(settings.ACTIVATIONS)}")
     if weights != "gguf":
-        if activations == "int8":
-            raise ValueError("--activations int8 runs with the GGUF's own weights (--weights gguf) only")
+        if activations not in (None, "float32"):
+            raise ValueError(f"--activations {activations} runs with the GGUF's own weights (--weights gguf) only")
         return "float32"
-    return activations or "float32"
+    return activations or settings.ACTIVATIONS[0]
 
 
 def _set_activations(native, quantized, wanted: str) -> str:
-    """Tell the native forward its activations: int8 only when some tensor's type has an int8 kernel on
-    this CPU (kernels.quant.int8_types); returns what runs."""
+    """Tell the native forward its activations: rounded only when some tensor's type has integer kernels on
+    this CPU (kernels.quant.integer_types); returns what runs."""
     from gguf import GGMLQuantizationType
 
     from kernels import quant
 
-    names = {GGMLQuantizationType(q).name for q in quant.int8_types()}
-    native.int8_activations = wanted == "int8" and bool(quantized.types().keys() & names)
-    return "int8" if native.int8_activations else "float32"
+    names = {GGMLQuantizationType(q).name for q in quant.integer_types()}
+    native.activations = wanted if quantized.types().keys() & names else "float32"
+    return native.activations
 
 
 def dense_bytes_per_token(model: LlamaForCausalLM) -> int:

@@ -6,8 +6,8 @@ embeddings, computes rope's cos/sin once, and applies the final norm and the LM 
 Larger steps (long prompt chunks, big batches) stay on the torch path of localchat/model/llama.py with
 dense weights, where a matrix-matrix product is faster than streaming blocks token by token.
 
-Activations are float32 here, unless `int8_activations` (loader.resolve_activations) has the quantized
-matmuls round each block of 32 inputs to 8 bits where the kernels have that path; the K/V pool is the
+The quantized matmuls' inputs are `activations` (loader.resolve_activations): rounded to 16 bits per block of
+32 where the kernels have that path and the user kept the default, or float32, or 8 bits; the K/V pool is the
 model's (bfloat16 where the CPU has it), shared with the torch path, which writes the same slots for the
 prompt chunks it runs.
 """
@@ -32,7 +32,7 @@ class NativeForward:
 
     def __init__(self, config, weights: GGUFWeights, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         self.config = config
-        self.int8_activations = False  # set by the loader (loader._set_activations)
+        self.activations = "float32"  # set by the loader (loader._set_activations)
         self.weights = weights
         self.inv_freq = inv_freq.to(torch.float32)
         self.attention_scaling = attention_scaling
@@ -105,11 +105,11 @@ class NativeForward:
         else:
             token_table = torch.repeat_interleave(torch.arange(meta.num_seqs, dtype=torch.int32), torch.tensor(meta.query_lens))
         token_ctx = (positions + 1).to(torch.int32)
-        plan.run(x, cos, sin, meta.slot_mapping, meta.block_tables, token_table, token_ctx, self.int8_activations)
+        plan.run(x, cos, sin, meta.slot_mapping, meta.block_tables, token_table, token_ctx, self.activations)
         if logits_indices is not None and logits_indices.tolist() != list(range(x.shape[0])):  # decode rows: all
             x = x.index_select(0, logits_indices)
         normed = self.weights.final_norm * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps)
-        return quant.matmul(normed.contiguous(), self.weights.lm_head, int8_activations=self.int8_activations)
+        return quant.matmul(normed.contiguous(), self.weights.lm_head, activations=self.activations)
 
 
 @dataclass
