@@ -45,6 +45,8 @@ def test_the_files_own_blocks_run(quantized):
     # 16-bit activations where this CPU's build has integer kernels for its types, else float32 (loader.resolve_activations)
     rounds = bool({int(Q.Q4_1), int(Q.Q8_0)} & quant.integer_types())
     assert quantized.activations == native.activations == ("int16" if rounds else "float32")
+    # prompt chunks natively up to 8 tokens beside a bfloat16 dense path, 32 beside a float32 one (native.py)
+    assert native.max_tokens == (8 if quantized.dtype == torch.bfloat16 else 32)
 
 
 def test_activation_choices_are_checked(capsys):

@@ -435,5 +435,5 @@ def _attach_gguf(model: LlamaForCausalLM, config, path: Path):
     from localchat.model.native import NativeForward
 
     quantized = read_gguf_weights(path, config)
-    model.native = NativeForward(config, quantized, model.inv_freq, model.attention_scaling)
+    model.native = NativeForward(config, quantized, model.inv_freq, model.attention_scaling, model.dtype)
     return quantized

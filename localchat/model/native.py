@@ -21,17 +21,22 @@ import torch
 from kernels import AttentionMetadata, build_metadata, decode_step, quant
 from localchat.model.gguf_weights import GGUFWeights, dequantized_rows
 
-# Steps of at most this many tokens run natively. Measured on the 2-core test machine with the default
+# Steps of at most this many tokens run natively. Measured on the 2-core test machines with the default
 # model (benchmarks/NOTES.md, "Native decode step"): streaming the blocks once for every 8 tokens still
 # beats the dense bfloat16 product up to about 8 tokens; beyond, the torch path's packed GEMM wins.
 NATIVE_MAX_TOKENS = 8
+# The same where the dense path is float32 (a CPU without native bfloat16): there its GEMM is ~3x slower,
+# and a 32-token chunk took 128-156 ms natively against 219-254 ms dense (benchmarks/NOTES.md, session 10).
+NATIVE_MAX_TOKENS_FLOAT32_DENSE = 32
 
 
 class NativeForward:
     """What LlamaForCausalLM.forward delegates small steps to when its weights came from a GGUF."""
 
-    def __init__(self, config, weights: GGUFWeights, inv_freq: torch.Tensor, attention_scaling: float) -> None:
+    def __init__(self, config, weights: GGUFWeights, inv_freq: torch.Tensor, attention_scaling: float,
+                 dense_dtype: torch.dtype = torch.bfloat16) -> None:
         self.config = config
+        self.max_tokens = NATIVE_MAX_TOKENS if dense_dtype == torch.bfloat16 else NATIVE_MAX_TOKENS_FLOAT32_DENSE
         self.activations = "float32"  # set by the loader (loader._set_activations)
         self.weights = weights
         self.inv_freq = inv_freq.to(torch.float32)
@@ -55,9 +60,9 @@ class NativeForward:
         if kv_caches[0][0].dtype not in (torch.float32, torch.bfloat16) or meta.backend is not None:
             return None  # another pool dtype, or an attention backend asked for by name (--attention)
         num_tokens = input_ids.numel()
-        if num_tokens <= NATIVE_MAX_TOKENS:
+        if num_tokens <= self.max_tokens:
             return self(input_ids, positions, kv_caches, meta, logits_indices)
-        if logits_indices is None or not 0 < logits_indices.numel() <= NATIVE_MAX_TOKENS:
+        if logits_indices is None or not 0 < logits_indices.numel() <= self.max_tokens:
             return None
         sampled = torch.zeros(num_tokens, dtype=torch.bool)
         sampled[logits_indices] = True
