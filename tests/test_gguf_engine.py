@@ -19,12 +19,18 @@ from localchat.model.evaluate import perplexity
 from gguf import GGMLQuantizationType as Q
 
 from kernels import quant
+from localchat import settings
 from localchat.cli import main
 from localchat.model import resolve_model
 from localchat.model.loader import default_dtype, dense_bytes_per_token, resolve_activations
 from localchat.model.native import NativeForward
 
 pytestmark = pytest.mark.slow
+
+
+def rounds_here() -> bool:
+    """Whether this CPU's build has integer-activation kernels for the default model's types (Q4_1, Q8_0)."""
+    return bool({int(Q.Q4_1), int(Q.Q8_0)} & quant.integer_types())
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +49,15 @@ def test_the_files_own_blocks_run(quantized):
     assert 90e6 < quantized.weight_bytes_per_token < 100e6
     assert quantized.weight_bytes_per_token < 0.4 * dense_bytes_per_token(quantized.model)
     # 16-bit activations where this CPU's build has integer kernels for its types, else float32 (loader.resolve_activations)
-    rounds = bool({int(Q.Q4_1), int(Q.Q8_0)} & quant.integer_types())
-    assert quantized.activations == native.activations == ("int16" if rounds else "float32")
+    assert quantized.activations == native.activations == ("int16" if rounds_here() else "float32")
     # prompt chunks natively up to 8 tokens beside a bfloat16 dense path, 32 beside a float32 one (native.py)
     assert native.max_tokens == (8 if quantized.dtype == torch.bfloat16 else 32)
 
 
 def test_activation_choices_are_checked(capsys):
     spec = resolve_model(None)
+    # the settings' choices are the kernels' (kernels/quant.py cannot import localchat.settings)
+    assert set(settings.ACTIVATIONS) == set(quant.ACTIVATION_BITS)
     for choice in ("float32", "int16", "int8"):
         assert resolve_activations(choice, "gguf") == choice
     assert resolve_activations(None, "gguf") == "int16" and resolve_activations(None, "float32") == "float32"
@@ -60,8 +67,7 @@ def test_activation_choices_are_checked(capsys):
         resolve_activations("int16", "bfloat16")
     # int8 runs where some tensor's type has integer kernels in this CPU's build (the AVX2 one)
     rounded = load_model(spec, weights="gguf", activations="int8")
-    rounds = bool({int(Q.Q4_1), int(Q.Q8_0)} & quant.integer_types())
-    assert rounded.activations == rounded.model.native.activations == ("int8" if rounds else "float32")
+    assert rounded.activations == rounded.model.native.activations == ("int8" if rounds_here() else "float32")
     assert main(["generate", "Hi", "--max-tokens", "4", "--weights", "float32", "--activations", "int8"]) == 2
     assert "--weights gguf" in capsys.readouterr().err
 
@@ -118,7 +124,7 @@ def test_generate_says_which_weights_ran():
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["weights"] == "gguf:Q4_1+Q8_0" and 90e6 < doc["weight_bytes_per_token"] < 100e6
-    assert doc["activations"] == ("int16" if {int(Q.Q4_1), int(Q.Q8_0)} & quant.integer_types() else "float32")
+    assert doc["activations"] == ("int16" if rounds_here() else "float32")
     proc = subprocess.run([sys.executable, "-m", "localchat", "generate", "Hi", "--max-tokens", "4", "--weights", "gguf",
                            "--device", "cuda"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
