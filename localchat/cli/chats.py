@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from localchat.chat.store import NotFoundError, Store, StoreError, default_db_path
+from localchat.chat.store import NotFoundError, StoreError, default_db_path
 
 __all__ = ["add_chats_parser", "run_chats"]
 
@@ -77,6 +77,8 @@ def _list(db_path: Path, args: argparse.Namespace) -> int:
         else:
             print(f"no conversations (no database at {db_path})")
         return 0
+    from localchat.chat.store import Store
+
     with Store(db_path, create=False) as store:
         if args.search:
             conversations = store.search_conversations(args.search, limit=args.limit)
@@ -109,6 +111,8 @@ def _list(db_path: Path, args: argparse.Namespace) -> int:
 
 
 def _export(db_path: Path, args: argparse.Namespace) -> int:
+    from localchat.chat.store import Store
+
     with Store(db_path, create=False) as store:
         text = store.export_json(args.id) if args.format == "json" else store.export_markdown(args.id)
     if args.output:
@@ -130,6 +134,8 @@ def _import(db_path: Path, args: argparse.Namespace) -> int:
         if not path.exists():
             raise NotFoundError(f"no such file: {path}")
         data = path.read_bytes()
+    from localchat.chat.store import Store
+
     with Store(db_path) as store:
         conversation = store.import_json(data)
     print(f"imported conversation {conversation.id} ({conversation.message_count} messages): {conversation.title}")

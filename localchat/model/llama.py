@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import kernels
@@ -139,6 +138,15 @@ def _linear_fn(linear_weight: torch.Tensor, bias: torch.Tensor | None, pack: boo
     return lambda x: F.linear(x, linear_weight, bias)
 
 
+def _activation(name: str):
+    """transformers' activation by name, for the architectures whose MLP is not SiLU (Gemma's GELU).
+    Imported here, not at the top: transformers.activations pulls in its kernel hub and
+    torch.distributed.tensor, ~1.9 s of every start for a model that uses SiLU."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, arch: Architecture) -> None:
         super().__init__()
@@ -158,7 +166,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=arch.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=arch.mlp_bias)
-        self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
+        self.act = F.silu if config.hidden_act == "silu" else _activation(config.hidden_act)
         self._fast: tuple | None = None  # (dtype, callables and weights) built on first forward
 
     def forward(

@@ -6,9 +6,15 @@
 - `render`: settings widgets to SamplingParams, titles; `presets`: saved settings.
 - `layout` (widgets), `handlers` and `streaming` (their events), `api` (named endpoints), `app`
   (`build_ui` and `launch`); assets/ui.js is the page's script.
+`gradio_stubs` keeps Gradio from rewriting its type stubs at every start; it is installed here, before any
+module of this package imports gradio.
 """
 
-from localchat.ui.memory_panel import render_memory_html
-from localchat.ui.render import safe_markdown
+from localchat.ui.gradio_stubs import skip_stub_pass
+
+skip_stub_pass()
+
+from localchat.ui.memory_panel import render_memory_html  # noqa: E402
+from localchat.ui.render import safe_markdown  # noqa: E402
 
 __all__ = ["render_memory_html", "safe_markdown"]

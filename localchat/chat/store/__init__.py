@@ -1,6 +1,11 @@
 """Conversations as trees of messages in SQLite: rows (values and checks), schema (the file, its
 migrations), store (the tree operations), writer (a reply saved as it streams), transfer (export and
-import)."""
+import).
+
+`Store` is imported on first use: it needs sqlite-utils (which imports pandas), ~0.7 s that the engine's
+process and `localchat --help` would pay for nothing, since every command's parser imports this package."""
+
+from localchat.lazy import lazy_attributes
 
 from localchat.chat.store.rows import (
     CURRENT,
@@ -17,7 +22,6 @@ from localchat.chat.store.rows import (
     StoreError,
 )
 from localchat.chat.store.schema import APPLICATION_ID, SCHEMA_VERSION, default_db_path
-from localchat.chat.store.store import Store
 from localchat.chat.store.transfer import EXPORT_FORMAT
 from localchat.chat.store.writer import ReplyWriter
 
@@ -41,3 +45,5 @@ __all__ = [
     "StoreError",
     "default_db_path",
 ]
+
+__getattr__ = lazy_attributes(__name__, {"Store": "store"})
