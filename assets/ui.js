@@ -194,7 +194,7 @@
   }, true);
 
   // Following a reply: the skeleton arrives once (localchat/ui/compare.py, with data-stream), then its
-  // samples' bodies come on the reply's own event stream (localchat/ui/live.py), at most five a second.
+  // samples' bodies come on the reply's own event stream (localchat/ui/live.py), at most three a second.
   const stream = {key: null, source: null};
   function applySamples(state) {
     for (const s of state.samples || []) {

@@ -28,7 +28,9 @@ DEFAULT_CPU_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.6
 MAX_SAMPLES = 64  # n (parallel samples) and beam width a request may ask for
 MAX_TOP_LOGPROBS = 20  # alternatives per position a request may ask for (OpenAI's limit)
-ENGINE_OUTPUT_INTERVAL_S = 0.05  # an engine process hands its outputs to the app at most this often (first tokens and ends at once)
+# An engine process hands its outputs to the app at most this often (first tokens and ends at once): each hand-over
+# wakes the app, and the page updates only three times a second (benchmarks/NOTES.md session 11).
+ENGINE_OUTPUT_INTERVAL_S = 0.1
 SHUTDOWN_GRACE_S = 3  # on Ctrl-C/SIGTERM, how long running replies get to end and be saved before the server closes
 
 # ---- the page ------------------------------------------------------------------------------------
@@ -36,7 +38,10 @@ DEFAULT_HOST = "127.0.0.1"  # this machine only, unless the user asks for more
 DEFAULT_PORT = 7860
 UI_CONCURRENCY = 8  # replies the page streams at once (Gradio's queue)
 UI_MAX_SAMPLES = 8  # samples shown side by side
-UI_STREAM_INTERVAL_S = 0.2  # a streaming reply updates the page at most this often (five a second; benchmarks/NOTES.md session 6)
+# A streaming reply updates the page at most this often: three a second, ~25 tokens each at this model's speed on two
+# cores. Each update costs ~20 ms of CPU in the browser and the app, taken from the engine on a two-core machine; five a
+# second took ~0.17 of a core while a reply streamed, three ~0.12 (benchmarks/NOTES.md sessions 6 and 11).
+UI_STREAM_INTERVAL_S = 1 / 3
 UI_QUEUE_IDLE_S = 0.5  # the page's event queue waits for work, and looks anyway after this long (localchat/ui/quiet_queue.py)
 UI_QUEUE_POLL_S = 0.02  # how often it looks for new events where Gradio's queue cannot be woken instead
 

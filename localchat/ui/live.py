@@ -5,7 +5,7 @@ costs the browser ~14 ms of CPU and the server ~8 ms (its state copies, re-rende
 asking the server with a request of its own costs the browser ~4 ms more; on two cores that time is
 taken from the engine. So while a reply streams, Gradio carries no updates: the handler only stores
 the newest events in a `LiveSlot` (a reference swap per engine output), and the page listens on one
-event stream of its own (`route`, /lc/live/KEY) that sends the newest state at most five times a second
+event stream of its own (`route`, /lc/live/KEY) that sends the newest state at most three times a second
 (settings.UI_STREAM_INTERVAL_S), and at once when the first token is there and when the reply ends; its
 last state says the reply is done. The engine never waits for the page.
 """
