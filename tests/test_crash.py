@@ -85,9 +85,14 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def send_in_tab(page, url: str, text: str) -> None:
-    """A new conversation in this tab, and a message in it."""
-    page.goto(url)
+def open_tabs(tabs, url: str) -> None:
+    """Both tabs start loading the page at once: each waits for the other's load otherwise (~4 s a tab)."""
+    for tab in tabs:
+        tab.goto(url, wait_until="commit")
+
+
+def send_in_tab(page, text: str) -> None:
+    """A new conversation in this tab (its page loading), and a message in it."""
     # The page's load event has answered (it opens the newest conversation) once the chat knows the
     # model's context; only then does "New chat" stay new.
     page.locator('#lc-chat .lc-conv:not([data-ctx="0"])').wait_for(state="attached")
@@ -122,8 +127,9 @@ def test_sigkill_while_two_tabs_stream_loses_nothing_saved(browser, tmp_path):
             interrupted_seen += 1
         watcher = Watcher(db)
         watcher.start()
+        open_tabs(tabs, app.url)
         for k, tab in enumerate(tabs):
-            send_in_tab(tab, app.url, f"Tell me a long story, tab {k}, round {iteration}.")
+            send_in_tab(tab, f"Tell me a long story, tab {k}, round {iteration}.")
         time.sleep(rng.uniform(0.3, 5.0))  # the kill lands anywhere: before, during or after the replies
         before = watcher.stop()
         app.kill()
