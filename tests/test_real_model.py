@@ -10,7 +10,7 @@ from localchat.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-NEW_TOKENS = 128
+NEW_TOKENS = 64
 
 LONG_STORY = (
     "Here are my notes from the week. "

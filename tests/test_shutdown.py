@@ -79,6 +79,8 @@ def test_the_app_stops_saves_and_exits(tiny_model, tmp_path, how):
     assert role == "assistant" and reason == "abort", rows[reply]  # saved as stopped, not left streaming
     assert content  # the text streamed so far
     assert integrity(db) == [("ok",)]
+    if how != "sigterm":
+        return  # opening again is the same after either signal: checked once, for CI's time
     # It opens again, with the reply there.
     again = AppProcess(["app", "--model", str(tiny_model), "--db", str(db), "--kv-cache-gb", "0.05"], tmp_path)
     assert again.stop() == 0

@@ -1,8 +1,9 @@
 """How well a loaded model predicts a text: perplexity, computed through our own forward pass.
 
-The text runs in chunks of localchat.model.native.NATIVE_MAX_TOKENS tokens over a private KV pool, so a
-model running its GGUF's quantized weights is measured on that native path (the one that picks every
-generated token), and a dense model on its torch path; both see the same token ids.
+The text runs in chunks over a private KV pool. A model running its GGUF's quantized weights gets chunks no
+longer than its native path takes (NativeForward.max_tokens), so it is measured on that path (the one that
+picks every generated token); a dense model runs its torch path in chunks of DENSE_CHUNK tokens, since each
+of its forward calls costs ~0.1 s of dispatch on a 2-core host whatever its length. Both see the same ids.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import math
 import torch
 
 from kernels import build_metadata
-from localchat.model.native import NATIVE_MAX_TOKENS
+
+DENSE_CHUNK = 512
 
 
 @torch.inference_mode()
-def perplexity(loaded, token_ids: list[int], *, block_size: int = 16, chunk: int = NATIVE_MAX_TOKENS) -> float:
+def perplexity(loaded, token_ids: list[int], *, block_size: int = 16, chunk: int | None = None) -> float:
     """exp(mean negative log-likelihood) of token_ids[1:] given what precedes each (the first is context)."""
     if len(token_ids) < 2:
         raise ValueError("perplexity needs at least two tokens")
     model = loaded.model
+    native = getattr(model, "native", None)
+    chunk = chunk or (native.max_tokens if native is not None else DENSE_CHUNK)
     num_blocks = -(-len(token_ids) // block_size) + 1
     shape = model.kv_cache_shape(num_blocks, block_size)
     caches = [(torch.zeros(shape, dtype=loaded.dtype), torch.zeros(shape, dtype=loaded.dtype)) for _ in range(model.num_layers)]
