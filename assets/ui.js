@@ -239,6 +239,7 @@
     const key = live ? live.dataset.stream : null;
     if (key && key !== stream.key) followStream(key);
     if (!key && stream.source) { stream.source.close(); stream.source = null; stream.key = null; }
+    document.documentElement.classList.toggle('lc-writing', !!key);  // assets/ui.css: the caret while it writes
     requestAnimationFrame(follow);
   }
 

@@ -526,6 +526,34 @@ def test_a_new_chat_and_a_send_run_no_transition(page, app):
     assert running == []
 
 
+def test_a_streaming_reply_moves_nothing_outside_the_thread_and_the_caret_stays_lit(page, app):
+    """The conversation's column keeps its height while a reply grows in it (a growing column moved the message
+    box and laid out the whole page at each update), and the message box's caret does not blink while the
+    reply is written (each blink is a frame drawn on the engine's cores); it blinks again afterwards."""
+    open_conversation(page, app)
+    set_setting(page, "lc-max-tokens", 200)
+    new_chat(page)
+    page.evaluate("""() => {
+      const box = () => document.querySelector('#lc-input textarea');
+      const g = window.__lcWriting = {thread: new Set(), input: new Set(), caret: new Set(), idle: getComputedStyle(box()).caretAnimation};
+      window.__lcWritingObs = new MutationObserver(() => {
+        if (!document.querySelector('#lc-live .lc-streaming .lc-body')) return;
+        g.thread.add(document.querySelector('#lc-thread').getBoundingClientRect().height);
+        g.input.add(Math.round(box().getBoundingClientRect().top));
+        g.caret.add(getComputedStyle(box()).caretAnimation);
+      });
+      window.__lcWritingObs.observe(document.querySelector('#lc-live'), {subtree: true, childList: true, characterData: true});
+    }""")
+    send(page, "Tell me a long story.")
+    seen = page.evaluate("() => { window.__lcWritingObs.disconnect(); const g = window.__lcWriting;"
+                         " return {thread: [...g.thread], input: [...g.input], caret: [...g.caret], idle: g.idle}; }")
+    assert seen["caret"] == ["manual"] and seen["idle"] == "auto", seen
+    assert len(seen["thread"]) == 1 and len(seen["input"]) == 1, seen
+    after = page.evaluate("() => [getComputedStyle(document.querySelector('#lc-input textarea')).caretAnimation,"
+                          " document.querySelector('#lc-thread').getBoundingClientRect().height]")
+    assert after == ["auto", seen["thread"][0]]
+
+
 def test_settings_presets_and_the_system_prompt(page, app):
     from localchat.ui.presets import Presets
 
