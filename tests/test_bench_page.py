@@ -47,3 +47,11 @@ def test_page_suite_on_the_tiny_model(smol_tokenizer, tmp_path, monkeypatch):
     assert details["branch_click_ms"] > 0 and len(details["branch_click_runs_ms"]) == 6
     assert details["regenerate_first_token_ms"] > 0 and details["switch_then_send_first_token_ms"] > 0
     assert "page" in report.table()
+
+
+def test_the_page_replies_take_turns_after_generate():
+    from localchat.bench.page import round_order
+
+    orders = [round_order(r) for r in range(4)]
+    assert all(o[0] == "generate" and sorted(o[1:]) == ["page_closed", "page_open"] for o in orders)
+    assert [o[1] for o in orders] == ["page_closed", "page_open", "page_closed", "page_open"]

@@ -283,8 +283,8 @@ def measure_page(url: str, baseline: Callable[[], Growth], tokenizer, sizes: Siz
             first.tokens = count(first.text)
             out["page_first"] = first
             say(f"[page] first reply after the app started: {first.tokens} tokens, {first.tok_s:.1f} tok/s")
-            for _ in range(sizes.page_repeats):  # interleaved, so a slower minute of the machine hits all three
-                for key in ("generate", "page_closed", "page_open"):
+            for r in range(sizes.page_repeats):  # interleaved, so a slower minute of the machine hits all three
+                for key in round_order(r):
                     session.memory_panel(open=key == "page_open")
                     g = baseline() if key == "generate" else page_growth(session, PROMPT, timeout_s)
                     g.tokens = count(g.text)
@@ -295,6 +295,14 @@ def measure_page(url: str, baseline: Callable[[], Growth], tokenizer, sizes: Siz
         finally:
             browser.close()
     return out
+
+
+def round_order(r: int) -> tuple[str, ...]:
+    """Round r's runs: `generate`, then the two page replies, their order swapped every other round. With a fixed
+    order the closed panel's reply, always right after `generate`'s process, was the slower one in four rounds
+    of five although an open panel costs more CPU (benchmarks/NOTES.md, session 12)."""
+    pages = ("page_closed", "page_open") if r % 2 == 0 else ("page_open", "page_closed")
+    return ("generate", *pages)
 
 
 def _latencies(session: PageSession, tokenizer, sizes: Sizes, timeout_s: float, say) -> dict:
