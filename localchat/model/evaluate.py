@@ -2,8 +2,9 @@
 
 The text runs in chunks over a private KV pool. A model running its GGUF's quantized weights gets chunks no
 longer than its native path takes (NativeForward.max_tokens), so it is measured on that path (the one that
-picks every generated token); a dense model runs its torch path in chunks of DENSE_CHUNK tokens, since each
-of its forward calls costs ~0.1 s of dispatch on a 2-core host whatever its length. Both see the same ids.
+picks every generated token); a dense model runs its torch path in the engine's own step budget
+(settings.DEFAULT_MAX_NUM_BATCHED_TOKENS), since each of its forward calls costs ~0.1 s of dispatch on a
+2-core host whatever its length. Both see the same ids.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import math
 import torch
 
 from kernels import build_metadata
-
-DENSE_CHUNK = 512
+from localchat import settings
 
 
 @torch.inference_mode()
@@ -24,7 +24,7 @@ def perplexity(loaded, token_ids: list[int], *, block_size: int = 16, chunk: int
         raise ValueError("perplexity needs at least two tokens")
     model = loaded.model
     native = getattr(model, "native", None)
-    chunk = chunk or (native.max_tokens if native is not None else DENSE_CHUNK)
+    chunk = chunk or (native.max_tokens if native is not None else settings.DEFAULT_MAX_NUM_BATCHED_TOKENS)
     num_blocks = -(-len(token_ids) // block_size) + 1
     shape = model.kv_cache_shape(num_blocks, block_size)
     caches = [(torch.zeros(shape, dtype=loaded.dtype), torch.zeros(shape, dtype=loaded.dtype)) for _ in range(model.num_layers)]
