@@ -105,7 +105,9 @@ window.lcMemoryPanel = (parts) => {
     const m = d.mib || {};
     setText(v.sizes, `pool ${mib(m.pool)} (${f.blocks_total} blocks of ${f.block_size} tokens, ${((m.block || 0) * 1024).toFixed(1)} KiB each) · used ${mib(m.used)} · cached ${mib(m.cached)} · the same sequences unshared: ${mib(m.unshared)}` + (m.unshared > m.used ? ` (sharing saves ${mib(m.unshared - m.used)})` : ''));
     const rows = d.seqs.map((s) => ({seq: s.seq, label: s.label, tokens: s.tokens, blocks: s.blocks.length, shared: s.blocks.filter((x) => owners.get(x).length > 1).length}));
-    if (changed(v, 'seqs', JSON.stringify([mem.highlight, rows]))) drawSequences(v, d, rows);
+    // The list is rebuilt when its sequences change; a growing reply only changes its line's figures.
+    if (changed(v, 'seqs', JSON.stringify([mem.highlight, rows.map((r) => [r.seq, r.label])]))) drawSequences(v, d, rows);
+    else rows.forEach((r, i) => { const meta = v.seqs.children[i] && $('.lc-seq-meta', v.seqs.children[i]); if (meta) setText(meta, seqMeta(r)); });
     const width = Math.max(200, (v.grid.clientWidth || 480) - 4);  // one layout read a poll
     const tables = d.seqs.map((s) => s.blocks.join(',')).join(';');
     if (changed(v, 'grid', [width, mem.highlight, d.states, tables].join('|'))) drawGrid(v.canvas, v.tip, d, owners, width);
@@ -113,6 +115,7 @@ window.lcMemoryPanel = (parts) => {
     v.canvas.onmouseleave = () => { v.tip.hidden = true; };
     drawTimeline(v.tl, v.tlLegend, width);
   }
+  const seqMeta = (r) => `${r.tokens} tokens · ${r.blocks} blocks (${r.shared} shared)`;
   function drawSequences(v, d, rows) {
     const list = [];
     if (!d.seqs.length) list.push(el('p', 'lc-note', 'No live sequences: every block is free or cached.'));
@@ -120,7 +123,7 @@ window.lcMemoryPanel = (parts) => {
       const b = el('button', 'lc-seq' + (mem.highlight === s.seq ? ' lc-active' : ''));
       b.dataset.seq = s.seq;
       const sw = el('i', 'lc-swatch'); sw.style.background = s.color;
-      b.append(sw, el('span', 'lc-seq-label', s.label), el('span', 'lc-seq-meta', `${s.tokens} tokens · ${s.blocks.length} blocks (${rows[i].shared} shared)`));
+      b.append(sw, el('span', 'lc-seq-label', s.label), el('span', 'lc-seq-meta', seqMeta(rows[i])));
       b.addEventListener('click', () => { mem.highlight = mem.highlight === s.seq ? null : s.seq; drawMemory(); });
       list.push(b);
     });
@@ -275,12 +278,30 @@ window.lcMemoryPanel = (parts) => {
       mem.events = mem.events.concat(fresh.events || []).filter((e) => e[0] >= fresh.now - 300);
       mem.now = fresh.now;
       mem.texts.clear();
-      drawMemory();
+      drawOnBeat();
     }).catch(() => {}).finally(() => { mem.busy = false; });
+  }
+  // While a reply streams, every change the page shows costs a frame (style, layout, paint, raster and
+  // compositing: ~25-60 ms of CPU on two software-composited cores, taken from the engine). A poll's
+  // drawing therefore waits for the stream's next update (assets/ui.js calls beat()), so that both are
+  // painted in one frame; if none comes within BEAT_WAIT_MS (a long prompt before its first token), a
+  // timer draws it.
+  const BEAT_WAIT_MS = 1200;
+  function drawOnBeat() {
+    if (!document.documentElement.classList.contains('lc-writing')) return drawMemory();
+    mem.pending = true;
+    clearTimeout(mem.beatTimer);
+    mem.beatTimer = setTimeout(beat, BEAT_WAIT_MS);
+  }
+  function beat() {
+    if (!mem.pending) return;
+    mem.pending = false;
+    clearTimeout(mem.beatTimer);
+    drawMemory();
   }
   mem.timer = setInterval(poll, 1000);
   // A poll's data holds only the timeline since the previous poll; readers get the whole timeline drawn.
   const shown = () => mem.data && {...mem.data, timeline: {now: mem.now, samples: mem.samples, events: mem.events}};
-  return {changed: memFromServerValue, data: shown};
+  return {changed: memFromServerValue, data: shown, beat};
 
 };

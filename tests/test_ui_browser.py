@@ -502,6 +502,36 @@ def test_a_click_leaves_no_animation_running(page, app):
     assert frames["n"] <= 10, frames
 
 
+# Counts, before any of the page's scripts run, the frames Gradio's elapsed-time counters ask Chromium for.
+_COUNT_COUNTER_FRAMES = """(() => {
+  const isCounter = (cb) => typeof cb === 'function' && String(cb).includes('performance.now()') && String(cb).includes('/1e3') && String(cb).length < 120;
+  const native = window.requestAnimationFrame.bind(window);
+  window.__lcCounterFrames = 0;
+  window.requestAnimationFrame = (cb) => { if (isCounter(cb)) window.__lcCounterFrames += 1; return native(cb); };
+})()"""
+
+
+def test_gradios_idle_counters_keep_counting_without_asking_for_frames(browser, app):
+    """Gradio's elapsed-time counters of hidden, idle status trackers loop on requestAnimationFrame.
+    assets/quiet_timers.js runs them once a second on one timer, and asks Chromium for no frame for them:
+    each one asked for was a full main-thread lifecycle (~4 a second while a reply streamed). With the
+    script's previous version (one timer per counter, each then asking for a frame) the frames counted."""
+    context = browser.new_context(viewport={"width": 1400, "height": 950})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.add_init_script(_COUNT_COUNTER_FRAMES)
+        open_conversation(page, app)
+        before = page.evaluate("() => [window.__lcCounterFrames, window.lcQuietTimers.runs]")
+        start_long_reply(page, "Tell me a long story.", 400)
+        page.wait_for_timeout(3000)
+        after = page.evaluate("() => [window.__lcCounterFrames, window.lcQuietTimers.runs]")
+        assert after[1] - before[1] >= 2, (before, after)  # the counters still run, once a second each
+        assert after[0] == 0, (before, after)
+    finally:
+        context.close()
+
+
 def test_a_new_chat_and_a_send_run_no_transition(page, app):
     """New chat unselects the conversation in the sidebar, a send selects the new one and shows the reply's
     frame while the engine computes the first tokens; nothing of it may ease in over several frames
@@ -552,6 +582,33 @@ def test_a_streaming_reply_moves_nothing_outside_the_thread_and_the_caret_stays_
     after = page.evaluate("() => [getComputedStyle(document.querySelector('#lc-input textarea')).caretAnimation,"
                           " document.querySelector('#lc-thread').getBoundingClientRect().height]")
     assert after == ["auto", seen["thread"][0]]
+
+
+def test_the_side_column_scrolls_by_itself_and_the_reply_stays_in_view(page, app):
+    """With the settings and the memory panel open, the side column is longer than the window: it scrolls by
+    itself, and the conversation, the reply being written and the message box stay in view (when the whole
+    page scrolled, typing into a setting low in the column took them out of view)."""
+    open_conversation(page, app)
+    new_chat(page)
+    set_setting(page, "lc-max-tokens", 200)  # low in the settings: Playwright scrolls it into view to type
+    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    page.locator("#lc-memory .lc-grid-canvas").wait_for()
+    page.evaluate("() => document.querySelector('#lc-memory .lc-grid-canvas').scrollIntoView({block: 'nearest'})")
+    side = page.evaluate("() => { const s = document.querySelector('#lc-side'); return [s.scrollHeight, s.clientHeight, s.scrollTop]; }")
+    assert side[0] > side[1] and side[2] > 0, side  # the column is longer than the window, and scrolled
+    page.evaluate("""() => {
+      const inView = (sel) => { const e = document.querySelector(sel); if (!e) return null; const r = e.getBoundingClientRect();
+                                return r.top >= 0 && r.bottom <= innerHeight && r.left >= 0 && r.right <= innerWidth; };
+      const seen = window.__lcInView = [];
+      window.__lcInViewObs = new MutationObserver(() => {
+        if (!document.querySelector('#lc-live .lc-streaming .lc-body')) return;
+        seen.push([scrollY, inView('#lc-live .lc-streaming .lc-stats'), inView('#lc-input textarea'), inView('#lc-memory .lc-grid-canvas')]);
+      });
+      window.__lcInViewObs.observe(document.querySelector('#lc-live'), {subtree: true, childList: true, characterData: true});
+    }""")
+    send(page, "Tell me a long story.")
+    seen = page.evaluate("() => { window.__lcInViewObs.disconnect(); return window.__lcInView; }")
+    assert seen and all(s == [0, True, True, True] for s in seen), seen
 
 
 def test_settings_presets_and_the_system_prompt(page, app):
@@ -675,6 +732,31 @@ def test_a_poll_changes_the_panel_in_place(page, app):
               pixel: [...was.grid.getContext('2d').getImageData(0, 0, 1, 1).data]};
     }""")
     assert kept == {"grid": True, "timeline": True, "used": True, "pixel": [1, 2, 3, 255]}, kept
+
+
+def test_while_a_reply_streams_the_panel_changes_with_the_replys_updates(page, app):
+    """While a reply streams, a poll's changes to the panel wait for the reply's next update and land in the
+    same task (one frame for both, not one each): every batch of DOM changes that touches the panel also
+    touches the reply. Drawn as the poll's answer came, the panel changed in batches of its own."""
+    open_conversation(page, app)
+    new_chat(page)
+    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    page.wait_for_function("() => window.lcMemory() && window.lcMemory().figures", timeout=TIMEOUT_MS)
+    page.evaluate("""() => {
+      const batches = window.__lcBatches = [];
+      window.__lcBatchObs = new MutationObserver((records) => {
+        if (!document.documentElement.classList.contains('lc-writing')) return;
+        const inside = (sel) => records.some((r) => r.target.closest ? r.target.closest(sel) : r.target.parentElement && r.target.parentElement.closest(sel));
+        batches.push({panel: inside('#lc-memory .lc-mem-view'), reply: inside('#lc-live .lc-streaming')});
+      });
+      window.__lcBatchObs.observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
+    set_setting(page, "lc-max-tokens", 450)
+    send(page, "Tell me a long story.")
+    batches = page.evaluate("() => { window.__lcBatchObs.disconnect(); return window.__lcBatches; }")
+    panel = [b for b in batches if b["panel"]]
+    assert panel, batches  # the reply lasted long enough for a poll
+    assert all(b["reply"] for b in panel), batches
 
 
 def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):

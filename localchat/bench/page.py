@@ -109,7 +109,11 @@ def engine_growth(engine, prompt: str, max_tokens: int) -> Growth:
 # Stamps every change of the reply's text as the page shows it: in the reply being written, and then in
 # the chat when the reply is saved (a short reply can be over before the page starts following it).
 _OBSERVE = """() => {
-  const g = window.__lcGrowth = {changes: [], last: ''};
+  const g = window.__lcGrowth = {changes: [], last: '', out_of_view: 0};
+  const inView = (node) => {
+    const r = node.getBoundingClientRect();
+    return r.bottom > 0 && r.top < innerHeight && r.right > 0 && r.left < innerWidth;
+  };
   const known = new Set([...document.querySelectorAll('#lc-chat .lc-msg.lc-assistant')].map((m) => m.dataset.id));
   const current = () => {
     const body = document.querySelector('#lc-live .lc-streaming .lc-body');
@@ -122,7 +126,11 @@ _OBSERVE = """() => {
     const text = current();
     if (text === null) return;
     const norm = text.replace(/\\s+/g, ' ').trim();
-    if (norm !== g.last) { g.changes.push(performance.now()); g.last = norm; }
+    if (norm === g.last) return;
+    g.changes.push(performance.now());
+    g.last = norm;
+    const body = document.querySelector('#lc-live .lc-streaming .lc-body');
+    if (body && !inView(body)) g.out_of_view += 1;
   });
   window.__lcObserver.observe(document.querySelector('#lc-thread') || document.body, {subtree: true, childList: true, characterData: true});
   document.addEventListener('keydown', (e) => { if (e.key === 'Enter') g.t0 = performance.now(); }, {capture: true, once: true});
@@ -182,6 +190,8 @@ class PageSession:
             self.page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
             self.page.locator("#lc-memory .lc-grid-canvas").wait_for(state="visible" if open else "hidden")
             self.panel_open = open
+        if open:  # in view, as a person watching it has it: the side column scrolls by itself
+            self.page.evaluate("() => document.querySelector('#lc-memory .lc-grid-canvas').scrollIntoView({block: 'nearest'})")
 
     def new_chat(self) -> None:
         self.page.locator("#lc-new").click()
@@ -246,6 +256,9 @@ def page_growth(session: PageSession, prompt: str, timeout_s: float) -> Growth:
     stamps = session.send(prompt, timeout_s)
     if not stamps["changes"]:
         raise RuntimeError("the reply never changed in the page")
+    # A reply out of view is not painted, and a person reads what is in view: such a run measures neither.
+    if stamps.get("out_of_view"):
+        raise RuntimeError(f"the reply was out of view at {stamps['out_of_view']} of its {len(stamps['changes'])} changes")
     return Growth(session.newest_reply_text(), stamps["changes"][0] / 1000, stamps["changes"][-1] / 1000)
 
 
