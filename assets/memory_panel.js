@@ -89,6 +89,8 @@ window.lcMemoryPanel = (parts) => {
     const f = d.figures, p = d.peaks || {};
     const owners = ownersOf(d);
     const v = viewOf(root);
+    // Read before anything below is written: the layout is still clean then, and the read forces none.
+    const width = Math.max(200, (v.grid.clientWidth || 480) - 4);
     for (const hide of [$('.lc-mem-summary', root), $(':scope > .lc-mem-title', root)]) if (hide && !hide.hidden) hide.hidden = true;
     setText(v.title, d.title);
     figure(v, 'blocks_used', `${f.blocks_used} / ${f.blocks_total}`);
@@ -108,7 +110,6 @@ window.lcMemoryPanel = (parts) => {
     // The list is rebuilt when its sequences change; a growing reply only changes its line's figures.
     if (changed(v, 'seqs', JSON.stringify([mem.highlight, rows.map((r) => [r.seq, r.label])]))) drawSequences(v, d, rows);
     else rows.forEach((r, i) => { const meta = v.seqs.children[i] && $('.lc-seq-meta', v.seqs.children[i]); if (meta) setText(meta, seqMeta(r)); });
-    const width = Math.max(200, (v.grid.clientWidth || 480) - 4);  // one layout read a poll
     const tables = d.seqs.map((s) => s.blocks.join(',')).join(';');
     if (changed(v, 'grid', [width, mem.highlight, d.states, tables].join('|'))) drawGrid(v.canvas, v.tip, d, owners, width);
     v.canvas.onmousemove = (e) => hover(e, v.canvas, v.tip, d, owners);  // the newest labels, drawn or not
@@ -154,6 +155,9 @@ window.lcMemoryPanel = (parts) => {
     return own && own.length > 1 ? STATE_COLOR.s : own ? own[0].color : STATE_COLOR.u;
   }
   const RANK = {f: 0, c: 1, u: 2};
+  // A reply being written changes a few cells a poll: only those are painted again. Painting every cell of
+  // the default pool (1,456 blocks) took ~3 ms of the page's main thread a poll, on the engine's cores
+  // (a Chromium trace; benchmarks/NOTES.md session 13). A new size, pool or highlight paints the whole grid.
   function drawGrid(canvas, tip, d, owners, width) {
     const n = d.states.length;
     const cell = Math.max(1, Math.min(13, Math.floor(Math.sqrt((width * GRID_HEIGHT) / Math.max(n, 1)))));
@@ -161,19 +165,27 @@ window.lcMemoryPanel = (parts) => {
     const cols = Math.max(1, Math.floor(width / cell));
     const per = Math.max(1, Math.ceil(n / (cols * Math.floor(GRID_HEIGHT / cell))));
     const cells = Math.ceil(n / per), rows = Math.ceil(cells / cols);
-    const g = fitCanvas(canvas, cols * cell, rows * cell);
-    Object.assign(canvas.dataset, {blocks: n, cols, cell, per});
     const lit = mem.highlight === null ? null : new Set((d.seqs.find((s) => s.seq === mem.highlight) || {blocks: []}).blocks);
-    const batches = new Map();  // colour -> cells: one fillStyle per colour, however many cells
+    const keys = new Array(cells);
     for (let c = 0; c < cells; c++) {
       let b = c * per;
       if (per > 1) {  // the busiest block of the cell speaks for it
         for (let k = b + 1; k < Math.min(n, (c + 1) * per); k++) if (RANK[d.states[k]] > RANK[d.states[b]]) b = k;
       }
       const color = cellColor(d, owners, b);
-      const key = lit && !lit.has(b) ? color + '|dim' : color;
-      if (!batches.has(key)) batches.set(key, []);
-      batches.get(key).push(c);
+      keys[c] = lit && !lit.has(b) ? color + '|dim' : color;
+    }
+    const shape = [n, cols, cell, per, mem.highlight, window.devicePixelRatio || 1].join(',');
+    const before = canvas.lcShape === shape ? canvas.lcKeys : null;
+    const g = before ? canvas.getContext('2d') : fitCanvas(canvas, cols * cell, rows * cell);
+    if (before) { const dpr = window.devicePixelRatio || 1; g.setTransform(dpr, 0, 0, dpr, 0, 0); }
+    Object.assign(canvas.dataset, {blocks: n, cols, cell, per});
+    const batches = new Map();  // key -> cells to paint: one fillStyle per colour, however many cells
+    for (let c = 0; c < cells; c++) {
+      if (before && before[c] === keys[c]) continue;
+      if (!batches.has(keys[c])) batches.set(keys[c], []);
+      batches.get(keys[c]).push(c);
+      if (before) g.clearRect((c % cols) * cell, Math.floor(c / cols) * cell, cell, cell);
     }
     for (const [key, list] of batches) {
       const [color, dim] = key.split('|');
@@ -181,6 +193,10 @@ window.lcMemoryPanel = (parts) => {
       g.fillStyle = color;
       for (const c of list) g.fillRect((c % cols) * cell, Math.floor(c / cols) * cell, cell - gap, cell - gap);
     }
+    g.globalAlpha = 1;
+    canvas.lcShape = shape;
+    canvas.lcKeys = keys;
+    canvas.dataset.painted = batches.size ? [...batches.values()].reduce((a, l) => a + l.length, 0) : 0;
   }
   function hover(e, canvas, tip, d, owners) {
     const cols = +canvas.dataset.cols, cell = +canvas.dataset.cell, per = +canvas.dataset.per;
@@ -278,30 +294,12 @@ window.lcMemoryPanel = (parts) => {
       mem.events = mem.events.concat(fresh.events || []).filter((e) => e[0] >= fresh.now - 300);
       mem.now = fresh.now;
       mem.texts.clear();
-      drawOnBeat();
+      drawMemory();
     }).catch(() => {}).finally(() => { mem.busy = false; });
-  }
-  // While a reply streams, every change the page shows costs a frame (style, layout, paint, raster and
-  // compositing: ~25-60 ms of CPU on two software-composited cores, taken from the engine). A poll's
-  // drawing therefore waits for the stream's next update (assets/ui.js calls beat()), so that both are
-  // painted in one frame; if none comes within BEAT_WAIT_MS (a long prompt before its first token), a
-  // timer draws it.
-  const BEAT_WAIT_MS = 1200;
-  function drawOnBeat() {
-    if (!document.documentElement.classList.contains('lc-writing')) return drawMemory();
-    mem.pending = true;
-    clearTimeout(mem.beatTimer);
-    mem.beatTimer = setTimeout(beat, BEAT_WAIT_MS);
-  }
-  function beat() {
-    if (!mem.pending) return;
-    mem.pending = false;
-    clearTimeout(mem.beatTimer);
-    drawMemory();
   }
   mem.timer = setInterval(poll, 1000);
   // A poll's data holds only the timeline since the previous poll; readers get the whole timeline drawn.
   const shown = () => mem.data && {...mem.data, timeline: {now: mem.now, samples: mem.samples, events: mem.events}};
-  return {changed: memFromServerValue, data: shown, beat};
+  return {changed: memFromServerValue, data: shown};
 
 };

@@ -211,7 +211,6 @@
       if (stats) stats.textContent = `${s.tokens} tokens`;
     }
     follow();
-    if (memory.beat) memory.beat();  // the memory panel's waiting poll, painted in this update's frame
   }
   // When the reply ends (or its stream is lost) the page asks once for the chat as saved
   // (localchat/ui/streaming.py finish_reply); Gradio holds no event open while a reply streams.

@@ -734,29 +734,46 @@ def test_a_poll_changes_the_panel_in_place(page, app):
     assert kept == {"grid": True, "timeline": True, "used": True, "pixel": [1, 2, 3, 255]}, kept
 
 
-def test_while_a_reply_streams_the_panel_changes_with_the_replys_updates(page, app):
-    """While a reply streams, a poll's changes to the panel wait for the reply's next update and land in the
-    same task (one frame for both, not one each): every batch of DOM changes that touches the panel also
-    touches the reply. Drawn as the poll's answer came, the panel changed in batches of its own."""
+_GRID_AGREES = """() => {
+  const canvas = document.querySelector('#lc-memory .lc-grid-canvas'), d = window.lcMemory();
+  const cols = +canvas.dataset.cols, cell = +canvas.dataset.cell, g = canvas.getContext('2d');
+  const hex = (x) => '#' + [...g.getImageData((x % cols) * cell + 1, Math.floor(x / cols) * cell + 1, 1, 1).data].slice(0, 3).map((v) => v.toString(16).padStart(2, '0')).join('');
+  const want = {f: '#d7dce3', c: '#5aa9e6'};
+  const wrong = [];
+  for (let b = 0; b < d.states.length; b++) {
+    const got = hex(b), st = d.states[b];
+    if (want[st] ? got !== want[st] : (got === want.f || got === want.c || got === '#000000')) wrong.push([b, st, got]);
+  }
+  return wrong;
+}"""
+
+
+def test_a_poll_paints_only_the_grid_cells_that_changed(page, app):
+    """While a reply fills blocks, a poll paints only the grid's cells whose state changed (not all of the
+    pool's), and the grid then still shows every block's state: free and cached in their colours, used in a
+    sequence's (or shared) colour, during the reply and after it, when its blocks go back to the cache."""
     open_conversation(page, app)
     new_chat(page)
     page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
-    page.wait_for_function("() => window.lcMemory() && window.lcMemory().figures", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => window.lcMemory() && document.querySelector('#lc-memory .lc-grid-canvas[data-painted]')",
+                           timeout=TIMEOUT_MS)
     page.evaluate("""() => {
-      const batches = window.__lcBatches = [];
-      window.__lcBatchObs = new MutationObserver((records) => {
-        if (!document.documentElement.classList.contains('lc-writing')) return;
-        const inside = (sel) => records.some((r) => r.target.closest ? r.target.closest(sel) : r.target.parentElement && r.target.parentElement.closest(sel));
-        batches.push({panel: inside('#lc-memory .lc-mem-view'), reply: inside('#lc-live .lc-streaming')});
+      const seen = window.__lcPainted = [];
+      window.__lcPaintObs = new MutationObserver(() => {
+        const c = document.querySelector('#lc-memory .lc-grid-canvas');
+        if (c && document.documentElement.classList.contains('lc-writing')) seen.push(+c.dataset.painted);
       });
-      window.__lcBatchObs.observe(document.body, {subtree: true, childList: true, characterData: true});
+      window.__lcPaintObs.observe(document.querySelector('#lc-memory'), {subtree: true, attributes: true, attributeFilter: ['data-painted']});
     }""")
     set_setting(page, "lc-max-tokens", 450)
     send(page, "Tell me a long story.")
-    batches = page.evaluate("() => { window.__lcBatchObs.disconnect(); return window.__lcBatches; }")
-    panel = [b for b in batches if b["panel"]]
-    assert panel, batches  # the reply lasted long enough for a poll
-    assert all(b["reply"] for b in panel), batches
+    painted = page.evaluate("() => { window.__lcPaintObs.disconnect(); return window.__lcPainted; }")
+    cells = page.evaluate("() => window.lcMemory().states.length")
+    assert painted and 0 < min(painted) < cells // 4, (painted, cells)
+    page.evaluate("() => { window.__now = window.lcMemory().timeline.now; }")
+    page.wait_for_function("() => window.lcMemory().timeline.now > window.__now + 1.5", timeout=TIMEOUT_MS)  # polls after the end
+    page.wait_for_timeout(300)
+    assert page.evaluate(_GRID_AGREES) == []
 
 
 def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
