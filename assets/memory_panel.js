@@ -114,7 +114,7 @@ window.lcMemoryPanel = (parts) => {
     if (changed(v, 'grid', [width, mem.highlight, d.states, tables].join('|'))) drawGrid(v.canvas, v.tip, d, owners, width);
     v.canvas.onmousemove = (e) => hover(e, v.canvas, v.tip, d, owners);  // the newest labels, drawn or not
     v.canvas.onmouseleave = () => { v.tip.hidden = true; };
-    drawTimeline(v.tl, v.tlLegend, width);
+    if (inWindow(v.tl)) drawTimeline(v.tl, v.tlLegend, width);  // scrolled out of view: drawn when it is back
   }
   const seqMeta = (r) => `${r.tokens} tokens · ${r.blocks} blocks (${r.shared} shared)`;
   function drawSequences(v, d, rows) {
@@ -277,10 +277,26 @@ window.lcMemoryPanel = (parts) => {
     item(marks.fork, `forks ${counts.fork}`); item(marks.cow, `copy-on-write ${counts.cow}`); item(marks.preempt, `preemptions ${counts.preempt}`);
     legend.dataset.forks = counts.fork; legend.dataset.cows = counts.cow; legend.dataset.preemptions = counts.preempt;
   }
-  // Poll only while the panel can be seen: a closed panel costs the engine nothing.
+  // Poll only while the panel can be seen: a closed panel, one scrolled out of the side column's view and a
+  // hidden tab cost the engine nothing. The first poll after it comes back into view draws it at once.
+  const seen = new WeakMap();  // element -> whether it intersects the window (unknown: assumed seen)
+  const watcher = typeof IntersectionObserver === 'function'
+    ? new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        const was = seen.get(e.target);
+        seen.set(e.target, e.isIntersecting);
+        if (e.isIntersecting && was === false) poll();
+      }
+    })
+    : null;
+  function inWindow(node) {
+    if (!node) return false;
+    if (watcher && !node.lcWatched) { node.lcWatched = true; watcher.observe(node); }
+    return seen.get(node) !== false;
+  }
   function memVisible() {
     const root = parts.mem && parts.mem.element;
-    return root && root.getClientRects().length > 0 && document.visibilityState === 'visible';
+    return root && root.getClientRects().length > 0 && document.visibilityState === 'visible' && inWindow(root);
   }
   function poll() {
     const server = parts.mem && parts.mem.server;

@@ -117,6 +117,14 @@ def new_chat(page) -> None:
     page.locator('#lc-chat .lc-conv[data-conv=""]').wait_for(state="attached")
 
 
+def open_memory_panel(page) -> None:
+    """Open the memory panel and bring it into the side column's view, as a person watching it does (an open
+    panel out of view does not poll)."""
+    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    page.locator("#lc-memory .lc-grid-canvas").wait_for()
+    page.evaluate("() => document.querySelector('#lc-memory .lc-grid-canvas').scrollIntoView({block: 'nearest'})")
+
+
 def shown(page) -> list[str]:
     return page.evaluate("() => [...document.querySelectorAll('#lc-chat .lc-msg:not([hidden]) .lc-body')].map(e => e.textContent.trim())")
 
@@ -591,9 +599,7 @@ def test_the_side_column_scrolls_by_itself_and_the_reply_stays_in_view(page, app
     open_conversation(page, app)
     new_chat(page)
     set_setting(page, "lc-max-tokens", 200)  # low in the settings: Playwright scrolls it into view to type
-    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
-    page.locator("#lc-memory .lc-grid-canvas").wait_for()
-    page.evaluate("() => document.querySelector('#lc-memory .lc-grid-canvas').scrollIntoView({block: 'nearest'})")
+    open_memory_panel(page)
     side = page.evaluate("() => { const s = document.querySelector('#lc-side'); return [s.scrollHeight, s.clientHeight, s.scrollTop]; }")
     assert side[0] > side[1] and side[2] > 0, side  # the column is longer than the window, and scrolled
     page.evaluate("""() => {
@@ -658,7 +664,7 @@ THREE_TAILS_PARTED = """() => {
 def test_memory_panel_tells_the_story_of_a_compare_of_three(page, app):
     open_conversation(page, app)
     new_chat(page)
-    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    open_memory_panel(page)
     set_setting(page, "lc-temperature", 1.0)
     set_setting(page, "lc-n", 3)
     set_setting(page, "lc-max-tokens", 420)
@@ -712,7 +718,7 @@ def test_a_poll_changes_the_panel_in_place(page, app):
     new_chat(page)
     set_setting(page, "lc-max-tokens", 8)
     send(page, "Fill a few blocks")
-    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    open_memory_panel(page)
     page.wait_for_function("() => window.lcMemory() && window.lcMemory().seqs.length === 0", timeout=TIMEOUT_MS)
     # one more poll first: the panel's first draw may come before the column settles (a scrollbar appears), and
     # a grid whose width changed is rightly drawn again
@@ -754,7 +760,7 @@ def test_a_poll_paints_only_the_grid_cells_that_changed(page, app):
     sequence's (or shared) colour, during the reply and after it, when its blocks go back to the cache."""
     open_conversation(page, app)
     new_chat(page)
-    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    open_memory_panel(page)
     page.wait_for_function("() => window.lcMemory() && document.querySelector('#lc-memory .lc-grid-canvas[data-painted]')",
                            timeout=TIMEOUT_MS)
     page.evaluate("""() => {
@@ -776,6 +782,24 @@ def test_a_poll_paints_only_the_grid_cells_that_changed(page, app):
     assert page.evaluate(_GRID_AGREES) == []
 
 
+def test_the_panel_polls_only_while_it_is_in_view(page, app):
+    """An open panel scrolled out of the side column's view asks the server for nothing (each poll costs the
+    engine's cores a request and a drawing); scrolled back into view, it polls and draws again."""
+    open_conversation(page, app)
+    set_setting(page, "lc-max-tokens", 64)  # the settings open: the panel below them is out of view at the top
+    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    page.locator("#lc-memory .lc-grid-canvas").wait_for()
+    page.wait_for_function("() => window.lcMemory() && window.lcMemory().timeline.now", timeout=TIMEOUT_MS)
+    page.evaluate("() => { document.querySelector('#lc-side').scrollTop = 0; }")
+    page.wait_for_timeout(1200)  # a poll already on its way lands
+    assert page.evaluate("() => document.querySelector('#lc-memory').getBoundingClientRect().top > innerHeight")
+    before = page.evaluate("() => window.lcMemory().timeline.now")
+    page.wait_for_timeout(2500)
+    assert page.evaluate("() => window.lcMemory().timeline.now") == before
+    page.evaluate("() => document.querySelector('#lc-memory .lc-grid-canvas').scrollIntoView({block: 'nearest'})")
+    page.wait_for_function(f"() => window.lcMemory().timeline.now > {before}", timeout=3000)
+
+
 def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
     contexts = [browser.new_context(viewport={"width": 1400, "height": 950}) for _ in range(2)]
     try:
@@ -785,7 +809,7 @@ def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
             open_conversation(pg, app)
             new_chat(pg)
             set_setting(pg, "lc-max-tokens", 300)
-        pages[0].locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+        open_memory_panel(pages[0])
         for i, pg in enumerate(pages):
             box = pg.locator("#lc-input textarea")
             box.fill(f"Tab {i} speaking")
@@ -807,7 +831,7 @@ def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
 
 def test_a_pool_of_tens_of_thousands_of_blocks_is_drawn_on_a_canvas(page, app):
     open_conversation(page, app)
-    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    open_memory_panel(page)
     page.locator("#lc-memory .lc-grid-canvas").wait_for()
     # The panel's own data, grown to 40,000 blocks: 30,000 cached, eight live sequences of 250 blocks
     # (the first 100 shared by all), the rest free; drawn the way a poll draws it, and read back in the
