@@ -181,8 +181,10 @@ window.lcMemoryPanel = (parts) => {
     if (before) { const dpr = window.devicePixelRatio || 1; g.setTransform(dpr, 0, 0, dpr, 0, 0); }
     Object.assign(canvas.dataset, {blocks: n, cols, cell, per});
     const batches = new Map();  // key -> cells to paint: one fillStyle per colour, however many cells
+    let painted = 0;
     for (let c = 0; c < cells; c++) {
       if (before && before[c] === keys[c]) continue;
+      painted += 1;
       if (!batches.has(keys[c])) batches.set(keys[c], []);
       batches.get(keys[c]).push(c);
       if (before) g.clearRect((c % cols) * cell, Math.floor(c / cols) * cell, cell, cell);
@@ -196,7 +198,7 @@ window.lcMemoryPanel = (parts) => {
     g.globalAlpha = 1;
     canvas.lcShape = shape;
     canvas.lcKeys = keys;
-    canvas.dataset.painted = batches.size ? [...batches.values()].reduce((a, l) => a + l.length, 0) : 0;
+    canvas.dataset.painted = painted;
   }
   function hover(e, canvas, tip, d, owners) {
     const cols = +canvas.dataset.cols, cell = +canvas.dataset.cell, per = +canvas.dataset.per;
@@ -279,7 +281,7 @@ window.lcMemoryPanel = (parts) => {
   }
   // Poll only while the panel can be seen: a closed panel, one scrolled out of the side column's view and a
   // hidden tab cost the engine nothing. The first poll after it comes back into view draws it at once.
-  const seen = new WeakMap();  // element -> whether it intersects the window (unknown: assumed seen)
+  const seen = new WeakMap();  // element watched -> whether it intersects the window (null: not told yet, assumed seen)
   const watcher = typeof IntersectionObserver === 'function'
     ? new IntersectionObserver((entries) => {
       for (const e of entries) {
@@ -291,7 +293,7 @@ window.lcMemoryPanel = (parts) => {
     : null;
   function inWindow(node) {
     if (!node) return false;
-    if (watcher && !node.lcWatched) { node.lcWatched = true; watcher.observe(node); }
+    if (watcher && !seen.has(node)) { seen.set(node, null); watcher.observe(node); }
     return seen.get(node) !== false;
   }
   function memVisible() {

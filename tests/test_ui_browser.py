@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import skip_or_fail
-from localchat.bench.page import set_setting
+from localchat.bench.page import open_memory_panel, set_setting
 from playwright.sync_api import expect
 
 pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.*"), pytest.mark.browser]
@@ -115,14 +115,6 @@ def open_conversation(page, app: App, conv_id: int | None = None) -> None:
 def new_chat(page) -> None:
     page.locator("#lc-new").click()
     page.locator('#lc-chat .lc-conv[data-conv=""]').wait_for(state="attached")
-
-
-def open_memory_panel(page) -> None:
-    """Open the memory panel and bring it into the side column's view, as a person watching it does (an open
-    panel out of view does not poll)."""
-    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
-    page.locator("#lc-memory .lc-grid-canvas").wait_for()
-    page.evaluate("() => document.querySelector('#lc-memory .lc-grid-canvas').scrollIntoView({block: 'nearest'})")
 
 
 def shown(page) -> list[str]:

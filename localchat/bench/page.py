@@ -115,8 +115,9 @@ _OBSERVE = """() => {
     return r.bottom > 0 && r.top < innerHeight && r.right > 0 && r.left < innerWidth;
   };
   const known = new Set([...document.querySelectorAll('#lc-chat .lc-msg.lc-assistant')].map((m) => m.dataset.id));
+  const liveBody = () => document.querySelector('#lc-live .lc-streaming .lc-body');
   const current = () => {
-    const body = document.querySelector('#lc-live .lc-streaming .lc-body');
+    const body = liveBody();
     if (body) return body.textContent;
     const fresh = [...document.querySelectorAll('#lc-chat .lc-msg.lc-assistant:not([hidden])')].filter((m) => !known.has(m.dataset.id));
     return fresh.length ? fresh[fresh.length - 1].querySelector('.lc-body').textContent : null;
@@ -129,7 +130,7 @@ _OBSERVE = """() => {
     if (norm === g.last) return;
     g.changes.push(performance.now());
     g.last = norm;
-    const body = document.querySelector('#lc-live .lc-streaming .lc-body');
+    const body = liveBody();
     if (body && !inView(body)) g.out_of_view += 1;
   });
   window.__lcObserver.observe(document.querySelector('#lc-thread') || document.body, {subtree: true, childList: true, characterData: true});
@@ -174,6 +175,14 @@ def set_setting(page, elem_id: str, value) -> None:
     raise RuntimeError(f"the page's {elem_id} field would not keep {value!r} (it shows {field.input_value()!r})")
 
 
+def open_memory_panel(page) -> None:
+    """Open the (closed) memory panel and bring its grid into view, as a person watching it has it: the side
+    column scrolls by itself, and an open panel out of view does not poll."""
+    page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
+    page.locator("#lc-memory .lc-grid-canvas").wait_for()
+    page.evaluate("() => document.querySelector('#lc-memory .lc-grid-canvas').scrollIntoView({block: 'nearest'})")
+
+
 class PageSession:
     """The app's page in Chromium, driven the way a person uses it."""
 
@@ -186,12 +195,14 @@ class PageSession:
 
     def memory_panel(self, *, open: bool) -> None:
         """Open or close the panel, and wait until it is drawn or gone (as a person sees it before typing)."""
-        if open != self.panel_open:
+        if open == self.panel_open:
+            return
+        if open:
+            open_memory_panel(self.page)
+        else:
             self.page.locator("#lc-memory-acc").get_by_text("Memory (KV cache blocks)").click()
-            self.page.locator("#lc-memory .lc-grid-canvas").wait_for(state="visible" if open else "hidden")
-            self.panel_open = open
-        if open:  # in view, as a person watching it has it: the side column scrolls by itself
-            self.page.evaluate("() => document.querySelector('#lc-memory .lc-grid-canvas').scrollIntoView({block: 'nearest'})")
+            self.page.locator("#lc-memory .lc-grid-canvas").wait_for(state="hidden")
+        self.panel_open = open
 
     def new_chat(self) -> None:
         self.page.locator("#lc-new").click()
