@@ -140,10 +140,10 @@ def load_context(model_name: str | None, dtype: torch.dtype | str | None, weight
 
 def find_gguf(spec) -> str | None:
     try:
-        from localchat.model.loader import _source_dir
+        from localchat.model.files import source_dir
 
         if spec.gguf_file:
-            path = _source_dir(spec) / spec.gguf_file
+            path = source_dir(spec) / spec.gguf_file
             if path.exists():
                 return str(path)
     except Exception:

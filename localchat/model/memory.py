@@ -220,11 +220,11 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
 
 def gguf_file_bytes(spec: Any) -> int:
     """Size of a model's GGUF file (its quantized blocks stay in memory when they run), 0 if unknown."""
-    from localchat.model.loader import _source_dir
+    from localchat.model.files import source_dir
 
     if not spec.gguf_file:
         return 0
     try:
-        return (_source_dir(spec) / spec.gguf_file).stat().st_size
+        return (source_dir(spec) / spec.gguf_file).stat().st_size
     except (OSError, ValueError):
         return 0
