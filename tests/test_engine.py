@@ -251,3 +251,31 @@ def test_driver_serves_concurrent_clients_and_aborts(tiny_engine):
         assert driver.call(lambda e: e.block_manager.figures().blocks_used) == 0
     finally:
         driver.shutdown()
+
+
+def test_a_warm_up_computes_replies_and_leaves_the_engine_as_built(tiny_engine):
+    # The app's engine process warms up after it says ready (localchat/engine/process.py): the person's first
+    # reply must then meet the engine exactly as built, only without its one-time costs.
+    fresh, warmed = tiny_engine(seed=3), tiny_engine(seed=3)
+    calls = []
+    execute = warmed.runner.execute
+    warmed.runner.execute = lambda *a, **k: calls.append(1) or execute(*a, **k)
+    warmed.warm_up()
+    assert len(calls) == 4  # two replies of two tokens: a prompt step and a decode step each
+    warmed.runner.execute = execute
+    assert warmed.memory() == fresh.memory() and warmed.steps == 0
+    view = warmed.block_manager.timeline.view()
+    assert view.samples == () and view.events == ()
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ids = [warmed.add_request(prompt="the first message after the start", params=params)]
+    ids.append(fresh.add_request(prompt="the first message after the start", params=params))
+    assert ids[0] == ids[1]
+    warmed.step(), fresh.step()
+    tables = [{sid: list(t.blocks) for sid, t in e.block_manager.tables.items()} for e in (warmed, fresh)]
+    assert tables[0] == tables[1] and list(tables[0]) == [0]
+    outs = []
+    for engine in (warmed, fresh):
+        while engine.has_unfinished():
+            done = [o for o in engine.step() if o.finished]
+            outs += done
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids

@@ -450,12 +450,45 @@ class Engine:
                     final[out.request_id] = out
         return [final[r] for r in order]
 
+    def warm_up(self) -> None:
+        """Compute two short greedy replies on made-up text, then forget them.
+
+        An engine's first reply pays one-time costs (first allocations, the dense prompt path's first GEMMs): a
+        60-token prompt took 375 ms to its first token, and ~250 ms every time after (benchmarks/NOTES.md,
+        session 14). The app's engine process pays them here, after it has said ready, instead of in the
+        person's first message. The replies run on a block manager of their own over the same KV pool, so the
+        engine's tables, counters, prefix cache, timeline and free-block order stay as built; the K/V they
+        wrote is written again by whichever sequence is given those blocks next. Their lengths take both
+        prompt paths: a chunk longer than the native step's limit (localchat/model/native.py) and a short one.
+        """
+        own = self.scheduler
+        text = self.encode("The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 8)
+        lengths = sorted({max(1, min(n, self.max_model_len - 2, len(text))) for n in WARM_UP_PROMPT_TOKENS})
+        self.scheduler = Scheduler(
+            BlockManager(own.block_manager.num_blocks, self.config.block_size, watermark=self.config.watermark,
+                         enable_prefix_cache=False),
+            own.config,
+        )
+        try:
+            for n in lengths:
+                self.generate(prompt_token_ids=[text[:n]], params=SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        finally:
+            self.scheduler = own
+            self.requests.clear()
+            self._seq_ids = itertools.count()
+            self.request_factory = RequestFactory(self.info())
+            self.steps = 0
+
     def memory(self) -> dict:
         """design.md's figures now, plus their peaks."""
         figs = self.block_manager.figures().as_dict()
         figs.update(self.block_manager.peaks())
         figs["kv_cache_bytes"] = self.runner.kv_cache_bytes
         return figs
+
+
+# Prompt lengths of Engine.warm_up's replies: one past the native step's chunk limit, one within it.
+WARM_UP_PROMPT_TOKENS = (48, 16)
 
 
 def _fault(where: str, exc: BaseException) -> str:

@@ -41,6 +41,10 @@ def _child_main(conn, factory: Callable, args: tuple, kwargs: dict) -> None:
         conn.send(("start_failed", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", engine.info()))
+    try:
+        engine.warm_up()  # while the page loads: the person's first message then runs at full speed
+    except Exception:  # noqa: BLE001 - a warm-up that fails costs the first reply its one-time costs, no more
+        log.exception("the engine's warm-up failed")
     batcher = OutputBatcher(lambda outs: conn.send(("outputs", outs)), settings.ENGINE_OUTPUT_INTERVAL_S)
 
     def fail(request_id, exc) -> None:
