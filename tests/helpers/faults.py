@@ -33,6 +33,17 @@ class FaultInjector:
         self._rng = random.Random(self.seed)
         self._execute = self.engine.runner.execute
         self.engine.runner.execute = self.execute
+        self._warm_up = self.engine.warm_up
+        self.engine.warm_up = self.warm_up
+
+    def warm_up(self) -> None:
+        """An engine process warms its engine up before the first request (localchat/engine/process.py): those
+        forward passes are not the requests' that a test counts, and get no faults."""
+        self.engine.runner.execute = self._execute
+        try:
+            self._warm_up()
+        finally:
+            self.engine.runner.execute = self.execute
 
     def execute(self, work, copies):
         call = self.calls
