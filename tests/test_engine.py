@@ -279,3 +279,11 @@ def test_a_warm_up_computes_replies_and_leaves_the_engine_as_built(tiny_engine):
             done = [o for o in engine.step() if o.finished]
             outs += done
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+
+
+def test_a_warm_up_refuses_an_engine_that_has_requests(tiny_engine):
+    engine = tiny_engine()
+    engine.add_request(prompt="a request already waiting", params=SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="no requests"):
+        engine.warm_up()
+    assert len(engine.requests) == 1 and engine.has_unfinished()

@@ -98,15 +98,7 @@ class Engine:
             hf_config, self.config.block_size, dtype, self._kv_budget_bytes()
         )
         # The scheduler owns the block manager from here on; the engine reads figures through it.
-        self.scheduler = Scheduler(
-            BlockManager(
-                num_blocks,
-                self.config.block_size,
-                watermark=self.config.watermark,
-                enable_prefix_cache=self.config.enable_prefix_cache,
-            ),
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
-        )
+        self.scheduler = self._new_scheduler(num_blocks, prefix_cache=self.config.enable_prefix_cache)
         self.runner = ModelRunner(model, hf_config, num_blocks, self.config.block_size, dtype, self.device, self.config.attention)
         self.max_model_len = self.config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
         check_context = getattr(model, "check_context", None)
@@ -120,6 +112,13 @@ class Engine:
         if self.config.seed is not None:
             self._generator.manual_seed(self.config.seed)
         self.steps = 0
+
+    def _new_scheduler(self, num_blocks: int, *, prefix_cache: bool) -> Scheduler:
+        return Scheduler(
+            BlockManager(num_blocks, self.config.block_size, watermark=self.config.watermark,
+                         enable_prefix_cache=prefix_cache),
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+        )
 
     @property
     def block_manager(self) -> BlockManager:
@@ -461,14 +460,12 @@ class Engine:
         wrote is written again by whichever sequence is given those blocks next. Their lengths take both
         prompt paths: a chunk longer than the native step's limit (localchat/model/native.py) and a short one.
         """
+        if self.requests:  # it forgets every request it knows of when it ends
+            raise RuntimeError("warm_up runs on an engine with no requests, before it serves any")
         own = self.scheduler
         text = self.encode("The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 8)
         lengths = sorted({max(1, min(n, self.max_model_len - 2, len(text))) for n in WARM_UP_PROMPT_TOKENS})
-        self.scheduler = Scheduler(
-            BlockManager(own.block_manager.num_blocks, self.config.block_size, watermark=self.config.watermark,
-                         enable_prefix_cache=False),
-            own.config,
-        )
+        self.scheduler = self._new_scheduler(own.block_manager.num_blocks, prefix_cache=False)
         try:
             for n in lengths:
                 self.generate(prompt_token_ids=[text[:n]], params=SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))

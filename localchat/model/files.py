@@ -87,7 +87,7 @@ def converted_dir(spec: ModelSpec) -> Path:
 
 def identity(spec: ModelSpec) -> dict[str, Any]:
     """What the converted copy was built from: a registry change (or a new file) invalidates it."""
-    identity = {
+    built_from = {
         "format": CONVERTED_FORMAT,
         "source": spec.source,
         "package": spec.package,
@@ -99,13 +99,13 @@ def identity(spec: ModelSpec) -> dict[str, Any]:
     if spec.source == "local":  # a file the user may replace in place
         try:
             stat = (Path(spec.path).expanduser() / spec.gguf_file).stat() if spec.gguf_file else Path(spec.path).stat()
-            identity["file"] = [stat.st_size, stat.st_mtime_ns]
+            built_from["file"] = [stat.st_size, stat.st_mtime_ns]
         except OSError:
-            identity["file"] = None
+            built_from["file"] = None
     elif spec.source == "hub":  # the commit the file came from ("main" moves)
         snapshot = hub.local_snapshot(spec)
-        identity["commit"] = snapshot.name if snapshot is not None else None
-    return identity
+        built_from["commit"] = snapshot.name if snapshot is not None else None
+    return built_from
 
 
 def cached_copy_valid(directory: Path, spec: ModelSpec) -> bool:
