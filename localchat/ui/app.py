@@ -22,6 +22,7 @@ from localchat.ui.model_picker import ModelPicker, wire_model_picker  # noqa: E4
 from localchat.ui.presets import Presets  # noqa: E402
 from localchat.ui.quiet_queue import quiet_queue  # noqa: E402
 from localchat.ui.streaming import ReplyHandlers  # noqa: E402
+from localchat.ui.unchanged_outputs import skip_unchanged  # noqa: E402
 
 PRIVATE = {"api_visibility": "private"}  # scripts use api.py's endpoints
 # Every event hides Gradio's loading spinner: its spring animation keeps running at 60 frames a second
@@ -66,6 +67,7 @@ def build_ui(service: ChatService, *, title: str = "localchat", presets: Presets
                           after_switch=(h.memory_html, [widgets.mem_html]), private=PRIVATE)
         register_api(service)
     demo.localchat_routes = [h.live_slots.route()]  # served by launch() beside the page
+    skip_unchanged(demo)  # most events change a few of their outputs (localchat/ui/unchanged_outputs.py)
     return demo
 
 
