@@ -6,6 +6,8 @@
 - `render`: settings widgets to SamplingParams, titles; `presets`: saved settings.
 - `layout` (widgets), `handlers` and `streaming` (their events), `api` (named endpoints), `app`
   (`build_ui` and `launch`); assets/ui.js is the page's script.
+- `live`: a reply streams to the page on a route of its own; `quiet_queue` and `unchanged_outputs` cut what
+  Gradio's queue and its postprocessing take from the engine's cores.
 `gradio_stubs` keeps Gradio from rewriting its type stubs at every start; it is installed here, before any
 module of this package imports gradio.
 """
