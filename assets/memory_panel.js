@@ -6,7 +6,7 @@
 // (a colour per live sequence, orange when shared; clicking a sequence dims the others), the text of a
 // block under the pointer (asked from the server), and a timeline of blocks used, cached and shared with
 // forks, copy-on-write copies and preemptions marked. It polls the server once a second, and only while
-// the panel can be seen. Text is only ever set with textContent.
+// the panel can be seen; while a reply streams, the reply's stream brings the data instead. Text is only ever set with textContent.
 window.lcMemoryPanel = (parts) => {
   const $ = (sel, root = document) => root.querySelector(sel);
   const el = (tag, cls, text) => {
@@ -300,24 +300,33 @@ window.lcMemoryPanel = (parts) => {
     const root = parts.mem && parts.mem.element;
     return root && root.getClientRects().length > 0 && document.visibilityState === 'visible' && inWindow(root);
   }
+  // The pool now and the timeline since the previous answer (a poll's or the reply stream's).
+  function take(d) {
+    if (!d || !d.figures) return;
+    mem.data = d;
+    const fresh = d.timeline || {};
+    mem.samples = mem.samples.concat(fresh.samples || []).filter((s) => s[0] >= fresh.now - 300);
+    mem.events = mem.events.concat(fresh.events || []).filter((e) => e[0] >= fresh.now - 300);
+    mem.now = fresh.now;
+    mem.texts.clear();
+    if (memVisible()) drawMemory();
+  }
   function poll() {
     const server = parts.mem && parts.mem.server;
     if (mem.busy || !server || !server.memory || !memVisible()) return;
+    if (performance.now() - mem.streamedAt < 1500) return;  // a reply's stream brings it (localchat/ui/live.py)
     mem.busy = true;
-    Promise.resolve(server.memory({since: mem.now})).then((d) => {
-      if (!d || !d.figures) return;
-      mem.data = d;
-      const fresh = d.timeline || {};
-      mem.samples = mem.samples.concat(fresh.samples || []).filter((s) => s[0] >= fresh.now - 300);
-      mem.events = mem.events.concat(fresh.events || []).filter((e) => e[0] >= fresh.now - 300);
-      mem.now = fresh.now;
-      mem.texts.clear();
-      drawMemory();
-    }).catch(() => {}).finally(() => { mem.busy = false; });
+    Promise.resolve(server.memory({since: mem.now})).then(take).catch(() => {}).finally(() => { mem.busy = false; });
   }
+  mem.streamedAt = -Infinity;
   mem.timer = setInterval(poll, 1000);
+  // A reply starts (assets/ui.js): the query that asks its stream for the panel's data, while the panel is seen.
+  // Its data then comes with the reply's text, drawn in the same frame, and the polls wait; a panel opened later
+  // polls as before.
+  const streamQuery = () => (memVisible() ? `panel=1&since=${encodeURIComponent(mem.now ?? '')}` : '');
+  const fromStream = (d) => { mem.streamedAt = performance.now(); take(d); };
   // A poll's data holds only the timeline since the previous poll; readers get the whole timeline drawn.
   const shown = () => mem.data && {...mem.data, timeline: {now: mem.now, samples: mem.samples, events: mem.events}};
-  return {changed: memFromServerValue, data: shown};
+  return {changed: memFromServerValue, data: shown, streamQuery, fromStream};
 
 };

@@ -217,7 +217,8 @@
   function followStream(key) {
     if (stream.source) stream.source.close();
     stream.key = key;
-    const source = stream.source = new EventSource(`lc/live/${encodeURIComponent(key)}`);
+    const panel = memory.streamQuery ? memory.streamQuery() : '';
+    const source = stream.source = new EventSource(`lc/live/${encodeURIComponent(key)}${panel ? '?' + panel : ''}`);
     let finished = false;
     const finish = () => {
       source.close();
@@ -230,6 +231,7 @@
       let state;
       try { state = JSON.parse(e.data); } catch (_) { return; }
       applySamples(state);
+      if (state.memory && memory.fromStream) memory.fromStream(state.memory);
       if (state.done) finish();
     };
     source.onerror = () => { if (stream.key === key) finish(); else source.close(); };

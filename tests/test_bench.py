@@ -62,6 +62,24 @@ def test_bench_all_suites_tiny(tiny_ctx):
     table = report.table()
     for suite in suites:
         assert suite in table
+    # what the hypervisor took while each suite measured (a shared machine's noise), where Linux says
+    steal = report.details["suite_steal"]
+    assert set(steal) == set(suites) and all(s is None or 0 <= s <= 1 for s in steal.values())
+
+
+def test_steal_share_is_the_stolen_part_of_the_cpu_time(tmp_path, monkeypatch):
+    from localchat.bench import report as report_mod
+
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(report_mod, "Path", lambda _p: stat)
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n")
+    before = report_mod.cpu_times()
+    assert before == (1000, 40)
+    stat.write_text("cpu  200 0 60 1000 10 0 0 130 0 0\n")
+    assert report_mod.steal_share(before, report_mod.cpu_times()) == pytest.approx(90 / 400)
+    assert report_mod.steal_share(before, before) is None and report_mod.steal_share(None, before) is None
+    stat.write_text("not a stat file")
+    assert report_mod.cpu_times() is None
 
 
 def test_bench_cli_registered():

@@ -792,6 +792,46 @@ def test_the_panel_polls_only_while_it_is_in_view(page, app):
     page.wait_for_function(f"() => window.lcMemory().timeline.now > {before}", timeout=3000)
 
 
+def test_while_a_reply_streams_the_open_panel_comes_with_it_and_does_not_poll(page, app, monkeypatch):
+    """An open panel's data rides on the reply's own stream (localchat/ui/live.py), drawn in the frames that
+    show the text: while the reply streams the panel asks the server nothing and still moves on, and after
+    the reply it polls again."""
+    engine = app.service.driver.engine
+    step = engine.step
+
+    def slow_step():  # a model of this project's real speed: the tiny one writes its 500 tokens in ~1 s
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    open_conversation(page, app)
+    new_chat(page)
+    open_memory_panel(page)
+    page.wait_for_function("() => window.lcMemory() && window.lcMemory().timeline.now", timeout=TIMEOUT_MS)
+    page.evaluate("""() => {
+      const server = window.lcParts.mem.server, ask = server.memory;
+      const log = window.__lcPanel = {polls: [], nows: [], writing: []};
+      const writing = () => document.documentElement.classList.contains('lc-writing');
+      server.memory = (arg) => { log.polls.push(writing()); return ask(arg); };
+      log.timer = setInterval(() => {
+        const now = window.lcMemory().timeline.now;
+        if (writing()) { log.writing.push(performance.now()); if (!log.nows.includes(now)) log.nows.push(now); }
+      }, 50);
+    }""")
+    set_setting(page, "lc-temperature", 0)  # greedy: the tiny model does not end its reply early by chance
+    set_setting(page, "lc-max-tokens", 400)
+    send(page, "Tell me a very long story")
+    seen = page.evaluate("() => { clearInterval(window.__lcPanel.timer); return window.__lcPanel; }")
+    wrote_s = (seen["writing"][-1] - seen["writing"][0]) / 1000
+    assert wrote_s > 2.5, wrote_s  # long enough for the panel's polls to show
+    assert len(seen["nows"]) >= wrote_s - 1, seen  # the panel moved on about once a second while the reply streamed
+    assert seen["polls"].count(True) <= 1, seen  # one may leave before the stream's first data comes
+    # after the reply the panel polls again, once a second
+    page.evaluate("() => { window.__now = window.lcMemory().timeline.now; window.__polls = window.__lcPanel.polls.length; }")
+    page.wait_for_function("() => window.__lcPanel.polls.length >= window.__polls + 2 && window.lcMemory().timeline.now > window.__now",
+                           timeout=TIMEOUT_MS)
+
+
 def test_two_tabs_share_the_engine_each_with_its_own_conversation(browser, app):
     contexts = [browser.new_context(viewport={"width": 1400, "height": 950}) for _ in range(2)]
     try:

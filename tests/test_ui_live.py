@@ -121,3 +121,66 @@ def test_the_end_goes_out_at_once_not_an_interval_later(monkeypatch):
     at, last = states[-1]
     assert last["done"] and last["samples"][0]["tokens"] == 3
     assert at - stamps["ended"] < 1.5
+
+
+def panel_slots(monkeypatch, interval: float = 0.2):
+    """LiveSlots whose panel data is a counter, with the `since` each call asked for."""
+    monkeypatch.setattr(settings, "UI_PANEL_INTERVAL_S", interval)
+    asked: list = []
+
+    def panel(since):
+        asked.append(since)
+        return {"figures": {"n": len(asked)}, "timeline": {"now": 100.0 + len(asked), "samples": [], "events": []}}
+
+    slots = LiveSlots(panel=panel)
+    return slots, TestClient(Starlette(routes=[slots.route()])), asked
+
+
+def write_for(slots, slot, seconds: float):
+    def write():
+        end, i = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            i += 1
+            slot.publish([Event(0, f"word{i} " * i, i)])
+            time.sleep(0.01)
+        slots.close(slot)
+    return write
+
+
+def test_a_page_that_shows_the_memory_panel_gets_its_data_on_the_reply_stream(monkeypatch):
+    """An open panel's data rides on the reply's updates (one frame for the page, not two): at most every
+    UI_PANEL_INTERVAL_S, each with the timeline since the one before, starting from the page's own time."""
+    slots, client, asked = panel_slots(monkeypatch)
+    slot = slots.open(LiveView(None, 1, False))
+    states = []
+    with client.stream("GET", f"/lc/live/{slot.key}?panel=1&since=42.5") as response:
+        threading.Thread(target=write_for(slots, slot, 1.2)).start()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                states.append((time.monotonic(), json.loads(line[len("data: "):])))
+    carried = [(at, s["memory"]) for at, s in states if "memory" in s]
+    assert len(carried) >= 3 and carried[0][1]["figures"] == {"n": 1}
+    assert asked == [42.5] + [100.0 + i for i in range(1, len(asked))]  # each since the previous answer
+    gaps = [b[0] - a[0] for a, b in zip(carried, carried[1:])]
+    assert min(gaps) >= 0.2 - 0.02, gaps
+    assert all(s["samples"] for at, s in states if "memory" in s)  # never alone: it rides on a text update
+    assert "memory" not in states[-1][1] and states[-1][1]["done"]  # the page polls again after the end
+
+
+def test_the_stream_carries_no_panel_data_unless_the_page_asks(monkeypatch):
+    slots, client, asked = panel_slots(monkeypatch)
+    for query in ("", "?panel=0", "?since=3"):
+        slot = slots.open(LiveView(None, 1, False))
+        states = []
+        with client.stream("GET", f"/lc/live/{slot.key}{query}") as response:
+            threading.Thread(target=write_for(slots, slot, 0.5)).start()
+            states = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        assert states[-1]["done"] and not any("memory" in s for s in states), query
+    assert asked == []
+    # a `since` that is not a time asks for the whole timeline (None), and never fails the stream
+    for bad in ("x", "nan", "inf", ""):
+        slot = slots.open(LiveView(None, 1, False))
+        with client.stream("GET", f"/lc/live/{slot.key}?panel=1&since={bad}") as response:
+            threading.Thread(target=write_for(slots, slot, 0.5)).start()
+            states = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        assert states[-1]["done"] and asked[-1] is None, bad

@@ -92,3 +92,22 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(all CPU time, the part the hypervisor gave to other machines: steal), in ticks, since boot; None where
+    /proc/stat is missing. On a shared virtual machine the same run of `generate` measured 111-137 tok/s as the
+    steal changed (benchmarks/NOTES.md session 16): the bench says how much was stolen while it measured."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError, IndexError):
+        return None
+    return sum(ticks), ticks[7] if len(ticks) > 7 else 0
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the CPU stolen between two cpu_times() readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])

@@ -35,7 +35,7 @@ from localchat.bench.baselines import (
 )
 from localchat.bench.page import suite_page
 from localchat.bench.quality import suite_quality
-from localchat.bench.report import Report, loadavg
+from localchat.bench.report import Report, cpu_times, loadavg, steal_share
 from localchat.bench.workloads import BenchContext, Sizes, bench_params, make_workload, run_engine
 from localchat.model.loader import dense_bytes_per_token
 
@@ -350,15 +350,20 @@ def run_bench(ctx: BenchContext, suites: list[str], sizes: Sizes, log: Callable[
     }
     if importlib.util.find_spec("llama_cpp") is None:
         report.skipped["llama.cpp"] = "llama-cpp-python is not installed (optional comparison)"
+    first_ticks = cpu_times()
     for name in suites:
-        started = time.perf_counter()
+        started, ticks = time.perf_counter(), cpu_times()
         if log:
             log(f"[bench] {name} ...")
         SUITE_FUNCS[name](ctx, sizes, report, state)
         report.details.setdefault("suite_seconds", {})[name] = time.perf_counter() - started
+        stolen = steal_share(ticks, cpu_times())
+        report.details.setdefault("suite_steal", {})[name] = stolen
         if log:
-            log(f"[bench] {name} done in {time.perf_counter() - started:.1f} s (load {loadavg()})")
+            steal = f", steal {100 * stolen:.1f}%" if stolen is not None else ""
+            log(f"[bench] {name} done in {time.perf_counter() - started:.1f} s (load {loadavg()}{steal})")
     report.details["env"]["load_avg_end"] = loadavg()
+    report.details["env"]["steal"] = steal_share(first_ticks, cpu_times())
     return report
 
 

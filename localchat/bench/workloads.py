@@ -39,9 +39,11 @@ class Sizes:
     batched_prompt: int = 128
     batched_tokens: int = 128
     # The page (localchat/bench/page.py): one greedy reply of page_tokens in the page and in `generate`,
-    # page_repeats times each; regenerate with a history of page_history_tokens.
-    page_tokens: int = 256
-    page_repeats: int = 5
+    # page_repeats times each; regenerate with a history of page_history_tokens. On a shared two-core machine a
+    # 256-token reply (~1.7 s) ran 0.76x-1.15x of the `generate` beside it in one run of five rounds, with the same
+    # code; longer replies and more rounds make the medians hold still (benchmarks/NOTES.md session 16).
+    page_tokens: int = 512
+    page_repeats: int = 7
     page_history_tokens: int = 1500
 
     @classmethod

@@ -40,10 +40,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report.details["total_seconds"] = time.perf_counter() - started
     print(report.table())
     print(f"weights {ctx.weights}, {ctx.activations} activations, dtype {ctx.dtype}, {torch.get_num_threads()} threads, load {report.details['env']['load_avg']} -> "
-          f"{report.details['env']['load_avg_end']}, {report.details['total_seconds']:.0f} s")
+          f"{report.details['env']['load_avg_end']}{_steal(report.details['env'].get('steal'))}, {report.details['total_seconds']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2, default=str))
     return 0
+
+
+def _steal(share: float | None) -> str:
+    """The CPU the hypervisor gave to other machines while the bench ran (a shared machine's noise)."""
+    return f", {100 * share:.1f}% of the CPU stolen" if share is not None else ""
 
 
 def add_bench_parser(sub) -> argparse.ArgumentParser:

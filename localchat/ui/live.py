@@ -8,15 +8,25 @@ the newest events in a `LiveSlot` (a reference swap per engine output), and the 
 event stream of its own (`route`, /lc/live/KEY) that sends the newest state at most three times a second
 (settings.UI_STREAM_INTERVAL_S), and at once when the first token is there and when the reply ends; its
 last state says the reply is done. The engine never waits for the page.
+
+An open memory panel polls the server once a second, and each poll's answer was one more frame for the
+browser to draw, on the engine's cores: ~0.03 of a core while a reply streamed (benchmarks/NOTES.md session 15).
+So a page that shows the panel when the reply starts asks for it on the reply's stream (`?panel=1&since=T`):
+every UI_PANEL_INTERVAL_S one of the reply's updates carries the panel's data too (`"memory"`), drawn in the
+same frame as the text, and the panel's own polls wait until the stream stops carrying it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
+import time
 import uuid
+from collections.abc import Callable
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -77,11 +87,16 @@ class LiveSlot:
         return {"version": self.version, "done": self.done, "samples": self.view.samples(self.events)}
 
 
-class LiveSlots:
-    """The replies being written now, by key (several tabs, several replies at once)."""
+PanelData = Callable[[float | None], dict]  # the memory panel's data, with its timeline since a time
 
-    def __init__(self) -> None:
+
+class LiveSlots:
+    """The replies being written now, by key (several tabs, several replies at once). `panel` gives the
+    memory panel's data to the streams of pages that show the panel (the same as its poll answers)."""
+
+    def __init__(self, panel: PanelData | None = None) -> None:
         self._slots: dict[str, LiveSlot] = {}
+        self._panel = panel
 
     def open(self, view: LiveView) -> LiveSlot:
         slot = LiveSlot(view)
@@ -104,12 +119,13 @@ class LiveSlots:
             slot = self._slots.get(request.path_params["key"])
             if slot is None:
                 return Response("no such reply (it has ended)", status_code=404, media_type="text/plain")
-            return StreamingResponse(self._events(slot), media_type="text/event-stream",
+            panel = _PanelFeed(self._panel, request.query_params) if self._panel else None
+            return StreamingResponse(self._events(slot, panel), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         return Route("/lc/live/{key}", live, methods=["GET"])
 
-    async def _events(self, slot: LiveSlot):
+    async def _events(self, slot: LiveSlot, panel: _PanelFeed | None = None):
         version = -1
         while True:
             await slot.wait_newer(version)
@@ -117,8 +133,37 @@ class LiveSlots:
                 yield ": waiting\n\n"  # a comment line: a closed tab fails this write and ends the stream
                 continue
             version = slot.version
-            yield f"data: {json.dumps(slot.state(), separators=(',', ':'))}\n\n"
+            state = slot.state()
+            if panel is not None and not slot.done and slot.events and panel.due():
+                state["memory"] = await run_in_threadpool(panel.take)  # the engine answers between its steps
+            yield f"data: {json.dumps(state, separators=(',', ':'))}\n\n"
             if slot.done:
                 return
             if slot.events:  # at most UI_STREAM_INTERVAL_S apart, but the first tokens and the end go out at once
                 await slot.wait_newer(version, settings.UI_STREAM_INTERVAL_S, done_only=True)
+
+
+class _PanelFeed:
+    """The memory panel's data for one page's stream: at most every UI_PANEL_INTERVAL_S, each with the
+    timeline since the previous one (the page asks with the time of the timeline it has: `since`)."""
+
+    def __init__(self, panel: PanelData, query) -> None:
+        self.panel = panel
+        self.wanted = query.get("panel") == "1"
+        try:
+            since = float(query.get("since", ""))
+        except ValueError:
+            since = math.nan
+        self.since = since if math.isfinite(since) else None  # none, or not a time: the whole timeline
+        self.next_at = 0.0
+
+    def due(self) -> bool:
+        return self.wanted and time.monotonic() >= self.next_at
+
+    def take(self) -> dict:
+        self.next_at = time.monotonic() + settings.UI_PANEL_INTERVAL_S
+        data = self.panel(self.since)
+        now = (data.get("timeline") or {}).get("now")
+        if isinstance(now, (int, float)):
+            self.since = now
+        return data

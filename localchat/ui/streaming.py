@@ -51,7 +51,9 @@ class ReplyHandlers(Handlers):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.live_slots = LiveSlots()  # the page follows them on its own route (localchat/ui/live.py)
+        # The page follows them on its own route, with the memory panel's data when it shows the panel
+        # (localchat/ui/live.py).
+        self.live_slots = LiveSlots(panel=lambda since: self.server_memory({"since": since}))
         self.replies: dict[str, RunningReply] = {}  # by slot key: running, or ended and not yet shown
 
     # Gradio passes the request and the event data to the parameters annotated with their types; they
