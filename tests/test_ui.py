@@ -365,3 +365,18 @@ def test_app_help_lists_the_ui_flags():
 
     args = build_parser().parse_args(["app"])
     assert args.host == "127.0.0.1" and args.share is False and args.terminal is False
+
+
+def test_every_event_of_the_page_keeps_its_progress_on_the_status_line(service):
+    """Gradio's page snapshots every component an event's loading status has reached, each time any event's
+    status changes (localchat/ui/app.py quiet_events): each event of the page sends its (hidden) progress to
+    the status line only, so the snapshots stay few however many outputs the events have."""
+    from localchat.ui.app import build_ui
+
+    demo = build_ui(service)
+    status_id = next(c["id"] for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "lc-status")
+    page_events = [d for d in demo.config["dependencies"] if d["targets"] and d["targets"][0][1] != "unload"]
+    assert len(page_events) >= 20
+    loud = [(d["id"], d["targets"], d["outputs"]) for d in page_events if d.get("show_progress_on") != [status_id]]
+    assert loud == []
+    assert all(d["show_progress"] == "hidden" for d in page_events)

@@ -32,6 +32,16 @@ PRIVATE = {"api_visibility": "private"}  # scripts use api.py's endpoints
 QUIET = {"show_progress": "hidden", **PRIVATE}
 
 
+def quiet_events(w: Widgets) -> dict:
+    """The options of every event of the page. Each time an event's status changes (queued, started, done),
+    Gradio's page hands a loading status to every component that has been an event's output (or input) so far,
+    and takes a snapshot of each one's properties, one structuredClone per value: 6,270 calls for one message
+    sent, several ms of the page's main thread each time, on the engine's cores while its prompt runs. The
+    events' progress is hidden anyway, so it all goes to the status line: 3,618 calls (benchmarks/NOTES.md
+    session 16)."""
+    return {**QUIET, "show_progress_on": [w.status]}
+
+
 def _asset(name: str) -> str | None:
     path = settings.resource("assets") / name
     return path.read_text(encoding="utf-8") if path.exists() else None
@@ -64,7 +74,7 @@ def build_ui(service: ChatService, *, title: str = "localchat", presets: Presets
         h.w = widgets
         wire(demo, widgets, h)
         wire_model_picker(widgets.model_picker, ModelPicker(switcher, service), demo,
-                          after_switch=(h.memory_html, [widgets.mem_html]), private=PRIVATE)
+                          after_switch=(h.memory_html, [widgets.mem_html]), quiet=quiet_events(widgets))
         register_api(service)
     demo.localchat_routes = [h.live_slots.route()]  # served by launch() beside the page
     skip_unchanged(demo)  # most events change a few of their outputs (localchat/ui/unchanged_outputs.py)
@@ -76,38 +86,39 @@ def wire(demo: gr.Blocks, w: Widgets, h: ReplyHandlers) -> None:
     select_out = [w.conv_state, w.conv_list, w.title_box, w.system_box, w.chat, w.overview, w.live, w.compare,
                   w.status, w.export_file]
     stream_out = [w.msg, *select_out]
-    streaming = {"concurrency_limit": settings.UI_CONCURRENCY, **QUIET}
+    quiet = quiet_events(w)
+    streaming = {"concurrency_limit": settings.UI_CONCURRENCY, **quiet}
 
-    demo.load(h.on_load, None, [*select_out, w.mem_html, w.preset], **QUIET)
+    demo.load(h.on_load, None, [*select_out, w.mem_html, w.preset], **quiet)
 
     for trigger in (w.send_btn.click, w.msg.submit):
         trigger(h.send_message, [w.msg, w.conv_state, w.leaf_box, w.system_box, *w.settings], stream_out, js=_leaf_into(2), **streaming)
     w.regen_btn.click(h.regenerate_last, [w.conv_state, w.leaf_box, *w.settings], stream_out, js=_leaf_into(1, hide_last=True), **streaming)
     w.chat.lc_regen(h.regenerate_message, [w.conv_state, *w.settings], stream_out, **streaming)
     w.chat.lc_edit(h.edit_message, [w.conv_state, *w.settings], stream_out, **streaming)
-    w.chat.lc_compare(h.on_compare, [w.conv_state], [w.compare], **QUIET)
-    w.live.lc_finish(h.finish_reply, [w.conv_state], select_out, **QUIET)
-    w.stop_btn.click(h.on_stop, None, None, queue=False, **QUIET)
+    w.chat.lc_compare(h.on_compare, [w.conv_state], [w.compare], **quiet)
+    w.live.lc_finish(h.finish_reply, [w.conv_state], select_out, **quiet)
+    w.stop_btn.click(h.on_stop, None, None, queue=False, **quiet)
     demo.unload(h.on_unload)  # a closed or reloaded tab ends its replies
 
-    w.new_btn.click(h.on_new, [w.search_box], select_out, **QUIET)
-    w.conv_list.input(h.on_pick, [w.conv_list, w.search_box], select_out, **QUIET)
+    w.new_btn.click(h.on_new, [w.search_box], select_out, **quiet)
+    w.conv_list.input(h.on_pick, [w.conv_list, w.search_box], select_out, **quiet)
     # change (not input): a pasted or dropped query searches too
     w.search_box.change(h.on_search, [w.search_box, w.conv_state], [w.conv_list], trigger_mode="always_last",
-                        **QUIET)
-    w.rename_btn.click(h.on_rename, [w.conv_state, w.title_box, w.search_box], [w.conv_list], **QUIET)
-    w.delete_btn.click(h.on_delete, [w.conv_state, w.search_box], select_out, **QUIET)
-    w.system_box.blur(h.on_system, [w.conv_state, w.system_box], None, **QUIET)
-    w.export_json_btn.click(lambda c: h.on_export(c, "json"), [w.conv_state], [w.export_file], **QUIET)
-    w.export_md_btn.click(lambda c: h.on_export(c, "md"), [w.conv_state], [w.export_file], **QUIET)
-    w.import_btn.upload(h.on_import, [w.import_btn, w.search_box], select_out, **QUIET)
+                        **quiet)
+    w.rename_btn.click(h.on_rename, [w.conv_state, w.title_box, w.search_box], [w.conv_list], **quiet)
+    w.delete_btn.click(h.on_delete, [w.conv_state, w.search_box], select_out, **quiet)
+    w.system_box.blur(h.on_system, [w.conv_state, w.system_box], None, **quiet)
+    w.export_json_btn.click(lambda c: h.on_export(c, "json"), [w.conv_state], [w.export_file], **quiet)
+    w.export_md_btn.click(lambda c: h.on_export(c, "md"), [w.conv_state], [w.export_file], **quiet)
+    w.import_btn.upload(h.on_import, [w.import_btn, w.search_box], select_out, **quiet)
 
-    w.preset.input(h.on_preset, [w.preset], [*w.settings, w.system_box, w.preset_name], **QUIET)
-    w.preset_save.click(h.on_preset_save, [w.preset_name, w.system_box, *w.settings], [w.preset], **QUIET)
-    w.preset_delete.click(h.on_preset_delete, [w.preset], [w.preset], **QUIET)
+    w.preset.input(h.on_preset, [w.preset], [*w.settings, w.system_box, w.preset_name], **quiet)
+    w.preset_save.click(h.on_preset_save, [w.preset_name, w.system_box, *w.settings], [w.preset], **quiet)
+    w.preset_delete.click(h.on_preset_delete, [w.preset], [w.preset], **quiet)
 
-    w.mem_acc.expand(h.memory_html, None, w.mem_html, **QUIET)
-    w.mem_refresh.click(h.memory_html, None, w.mem_html, **QUIET)
+    w.mem_acc.expand(h.memory_html, None, w.mem_html, **quiet)
+    w.mem_refresh.click(h.memory_html, None, w.mem_html, **quiet)
 
 
 def _early_scripts() -> list:

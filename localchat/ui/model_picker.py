@@ -116,12 +116,12 @@ class ModelPicker:
         yield self.choices(), status_html(status)
 
 
-def wire_model_picker(w: PickerWidgets, picker: ModelPicker, demo, after_switch=None, private: dict | None = None) -> None:
-    """Connect the picker's events; `after_switch` (fn, outputs) runs once a switch ends (the memory panel)."""
-    private = private or {}
-    demo.load(picker.on_load, None, [w.dropdown, w.status], show_progress="hidden", **private)
-    event = w.use_btn.click(picker.on_use, [w.dropdown], [w.dropdown, w.status], show_progress="hidden",
-                            concurrency_limit=1, **private)
+def wire_model_picker(w: PickerWidgets, picker: ModelPicker, demo, after_switch=None, quiet: dict | None = None) -> None:
+    """Connect the picker's events; `after_switch` (fn, outputs) runs once a switch ends (the memory panel).
+    `quiet`: the page's options for its events (localchat/ui/app.py), else progress is only hidden."""
+    quiet = quiet or {"show_progress": "hidden"}
+    demo.load(picker.on_load, None, [w.dropdown, w.status], **quiet)
+    event = w.use_btn.click(picker.on_use, [w.dropdown], [w.dropdown, w.status], concurrency_limit=1, **quiet)
     if after_switch is not None:
         fn, outputs = after_switch
-        event.then(fn, None, outputs, show_progress="hidden", **private)
+        event.then(fn, None, outputs, **quiet)
