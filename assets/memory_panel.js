@@ -6,7 +6,8 @@
 // (a colour per live sequence, orange when shared; clicking a sequence dims the others), the text of a
 // block under the pointer (asked from the server), and a timeline of blocks used, cached and shared with
 // forks, copy-on-write copies and preemptions marked. It polls the server once a second, and only while
-// the panel can be seen; while a reply streams, the reply's stream brings the data instead. Text is only ever set with textContent.
+// the panel can be seen; while a reply streams, the reply's stream brings the data instead. Text is only
+// ever set with textContent.
 window.lcMemoryPanel = (parts) => {
   const $ = (sel, root = document) => root.querySelector(sel);
   const el = (tag, cls, text) => {
