@@ -42,8 +42,8 @@ UI_MAX_SAMPLES = 8  # samples shown side by side
 # cores. Each update costs ~20 ms of CPU in the browser and the app, taken from the engine on a two-core machine; five a
 # second took ~0.17 of a core while a reply streamed, three ~0.12 (benchmarks/NOTES.md sessions 6 and 11).
 UI_STREAM_INTERVAL_S = 1 / 3
-# An open memory panel shows the pool this often: its own poll (assets/memory_panel.js), or while a reply streams, one
-# of the reply's updates (localchat/ui/live.py).
+# While a reply streams, one of its updates carries the open memory panel's data this often (localchat/ui/live.py);
+# between replies the panel polls once a second on its own (assets/memory_panel.js keeps that figure itself).
 UI_PANEL_INTERVAL_S = 1.0
 UI_QUEUE_IDLE_S = 0.5  # the page's event queue waits for work, and looks anyway after this long (localchat/ui/quiet_queue.py)
 UI_QUEUE_POLL_S = 0.02  # how often it looks for new events where Gradio's queue cannot be woken instead
