@@ -4,6 +4,7 @@ figures (the ratios mean nothing on a random model; `localchat bench page` on th
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ def test_page_suite_on_the_tiny_model(smol_tokenizer, tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM as HFLlama
 
     from helpers.tiny import loaded_from_hf, tiny_llama_config
-    from localchat.bench.page import missing_browser
+    from localchat.bench.page import missing_browser, run_order
     from localchat.bench.report import Report
     from localchat.bench.suites import SUITES, run_bench
     from localchat.bench.workloads import BenchContext, Sizes
@@ -34,10 +35,13 @@ def test_page_suite_on_the_tiny_model(smol_tokenizer, tmp_path, monkeypatch):
     sizes = Sizes.preset("tiny")
     report: Report = run_bench(ctx, ["page"], sizes)
     json.dumps(report.as_dict(), default=str)
-    for label in ("memory panel closed", "memory panel open"):
+    details = report.details["page"]
+    for key, label in (("page_closed", "memory panel closed"), ("page_open", "memory panel open")):
         row = report.get("page", f"one reply in the page, {label}")
         assert row is not None and row.ours > 0 and row.baseline > 0 and row.ratio == pytest.approx(row.ours / row.baseline)
-    details = report.details["page"]
+        assert len(details["paired_ratios"][key]) == sizes.page_repeats
+        assert details["paired_median"][key] == pytest.approx(statistics.median(details["paired_ratios"][key]))
+    assert details["order"] == run_order(sizes.page_repeats)
     # Whether the page showed exactly what `generate` printed is reported, not asserted here: a random
     # model's logits are nearly tied, so a prompt prefilled whole (generate) and one read back from the
     # prefix cache (the page, same engine) can round differently and pick another greedy token. On the
@@ -49,9 +53,34 @@ def test_page_suite_on_the_tiny_model(smol_tokenizer, tmp_path, monkeypatch):
     assert "page" in report.table()
 
 
-def test_the_page_replies_take_turns_after_generate():
+def test_the_page_replies_take_turns():
     from localchat.bench.page import round_order
 
     orders = [round_order(r) for r in range(4)]
-    assert all(o[0] == "generate" and sorted(o[1:]) == ["page_closed", "page_open"] for o in orders)
-    assert [o[1] for o in orders] == ["page_closed", "page_open", "page_closed", "page_open"]
+    assert all(sorted(o) == ["page_closed", "page_open"] for o in orders)
+    assert [o[0] for o in orders] == ["page_closed", "page_open", "page_closed", "page_open"]
+
+
+def test_every_page_reply_is_measured_between_two_runs_of_generate():
+    from localchat.bench.page import run_order
+
+    order = run_order(3)
+    assert order.count("generate") == 7 and order.count("page_closed") == order.count("page_open") == 3
+    assert order[0] == order[-1] == "generate"
+    assert all(order[i - 1] == order[i + 1] == "generate" for i, key in enumerate(order) if key != "generate")
+
+
+def test_each_reply_is_compared_with_the_generate_runs_beside_it():
+    from localchat.bench.page import Growth, paired_ratios
+
+    def run(tok_s: float) -> Growth:
+        return Growth("x", 0.0, 1.0, tokens=int(tok_s))
+
+    # the machine slows down half way: each reply is held against the mean of the two runs beside it
+    sequence = [("generate", run(100)), ("page_closed", run(90)), ("page_open", run(80)),
+                ("generate", run(100)), ("page_open", run(45)), ("page_closed", run(48)), ("generate", run(50))]
+    assert paired_ratios(sequence, "page_closed") == pytest.approx([0.9, 48 / 75])
+    assert paired_ratios(sequence, "page_open") == pytest.approx([0.8, 45 / 75])
+    # at an end only one neighbour is there; a reply with none is left out
+    assert paired_ratios([("page_open", run(60)), ("generate", run(100))], "page_open") == pytest.approx([0.6])
+    assert paired_ratios([("page_open", run(60))], "page_open") == []

@@ -3,7 +3,9 @@
 The figure is what a person sees: the tokens of the final text over the time from the reply's first to
 its last change, in the page (a MutationObserver in Chromium stamps every change of the reply) and in
 `generate`'s streamed output (stamped as it arrives on the pipe), on the same prompt, greedy, in the
-same run, with the memory panel closed and open. Also measured in the page: a click on a branch until
+same run, with the memory panel closed and open; each row is the ratio of the medians, and the runs take
+turns, a `generate` before every page reply and one after the last (run_order; the JSON also has each page
+reply against the two runs beside it: paired_ratios). Also measured in the page: a click on a branch until
 it is shown, a regenerate until its first token with a 1,500-token history (all of it in the prefix
 cache), and a branch switch followed by a new message until its first token.
 
@@ -287,7 +289,7 @@ def measure_page(url: str, baseline: Callable[[], Growth], tokenizer, sizes: Siz
 
     say = log or (lambda _m: None)
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    out: dict = {"generate": [], "page_closed": [], "page_open": []}
+    out: dict = {"generate": [], "page_closed": [], "page_open": [], "sequence": []}
     timeout_s = float(os.environ.get("LOCALCHAT_PAGE_TIMEOUT_S", "600"))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -307,13 +309,13 @@ def measure_page(url: str, baseline: Callable[[], Growth], tokenizer, sizes: Siz
             first.tokens = count(first.text)
             out["page_first"] = first
             say(f"[page] first reply after the app started: {first.tokens} tokens, {first.tok_s:.1f} tok/s")
-            for r in range(sizes.page_repeats):  # interleaved, so a slower minute of the machine hits all three
-                for key in round_order(r):
-                    session.memory_panel(open=key == "page_open")
-                    g = baseline() if key == "generate" else page_growth(session, PROMPT, timeout_s)
-                    g.tokens = count(g.text)
-                    out[key].append(g)
-                    say(f"[page] {key}: {g.tokens} tokens, {g.tok_s:.1f} tok/s")
+            for key in run_order(sizes.page_repeats):  # interleaved, so a slower minute of the machine hits all three
+                session.memory_panel(open=key == "page_open")
+                g = baseline() if key == "generate" else page_growth(session, PROMPT, timeout_s)
+                g.tokens = count(g.text)
+                out[key].append(g)
+                out["sequence"].append((key, g))
+                say(f"[page] {key}: {g.tokens} tokens, {g.tok_s:.1f} tok/s")
             session.memory_panel(open=False)
             out.update(_latencies(session, tokenizer, sizes, timeout_s, say))
         finally:
@@ -321,12 +323,37 @@ def measure_page(url: str, baseline: Callable[[], Growth], tokenizer, sizes: Siz
     return out
 
 
-def round_order(r: int) -> tuple[str, ...]:
-    """Round r's runs: `generate`, then the two page replies, their order swapped every other round. With a fixed
-    order the closed panel's reply, always right after `generate`'s process, was the slower one in four rounds
-    of five although an open panel costs more CPU (benchmarks/NOTES.md, session 12)."""
-    pages = ("page_closed", "page_open") if r % 2 == 0 else ("page_open", "page_closed")
-    return ("generate", *pages)
+def run_order(rounds: int) -> list[str]:
+    """Every run of the suite in order: a `generate` before each page reply and one more at the end, so that
+    each page reply is measured between two runs of `generate` (paired_ratios)."""
+    return [key for r in range(rounds) for page in round_order(r) for key in ("generate", page)] + ["generate"]
+
+
+def paired_ratios(sequence: list[tuple[str, Growth]], key: str) -> list[float]:
+    """Each `key` reply's tok/s over the mean of the `generate` runs right before and right after it.
+
+    This shared machine's speed drifts by more than the page costs: `generate` alone ran 95-154 tok/s within
+    minutes, in spells of tens of seconds (benchmarks/NOTES.md session 17). Held against the runs beside it, a
+    reply sees the same spell as its baseline; how far these ratios scatter tells how far a run's medians can
+    be trusted."""
+    rates = [(k, g.tok_s) for k, g in sequence]
+    out = []
+    for i, (k, rate) in enumerate(rates):
+        if k != key:
+            continue
+        before = next((r for kk, r in reversed(rates[:i]) if kk == "generate"), None)
+        after = next((r for kk, r in rates[i + 1:] if kk == "generate"), None)
+        near = [r for r in (before, after) if r]
+        if near:
+            out.append(rate / statistics.fmean(near))
+    return out
+
+
+def round_order(r: int) -> tuple[str, str]:
+    """Round r's two page replies, their order swapped every other round. With a fixed order the closed panel's
+    reply, always right after `generate`'s process, was the slower one in four rounds of five although an open
+    panel costs more CPU (benchmarks/NOTES.md, session 12)."""
+    return ("page_closed", "page_open") if r % 2 == 0 else ("page_open", "page_closed")
 
 
 def _latencies(session: PageSession, tokenizer, sizes: Sizes, timeout_s: float, say) -> dict:
@@ -451,6 +478,7 @@ def _run_in_process(ctx: BenchContext, sizes: Sizes, tmp: Path) -> dict:
 
 def _report(f: dict, report: Report) -> None:
     gen = statistics.median(g.tok_s for g in f["generate"])
+    paired = {key: paired_ratios(f["sequence"], key) for key in ("page_closed", "page_open")}
     for key, label in (("page_closed", "memory panel closed"), ("page_open", "memory panel open")):
         ours = statistics.median(g.tok_s for g in f[key])
         report.add("page", f"one reply in the page, {label}", ours, gen, "localchat generate (same prompt)", "tok/s")
@@ -468,6 +496,11 @@ def _report(f: dict, report: Report) -> None:
         **{k: [{"tokens": g.tokens, "tok_s": g.tok_s, "seconds": g.last - g.first} for g in f[k]]
            for k in ("generate", "page_closed", "page_open")},
         "same_text": all(g.text == f["generate"][0].text for k in ("page_closed", "page_open") for g in f[k]),
+        # each reply against the two `generate` runs beside it, and the median of those (the rows' ratios are
+        # the ratio of the two medians)
+        "paired_ratios": paired,
+        "paired_median": {k: statistics.median(v) if v else None for k, v in paired.items()},
+        "order": [k for k, _ in f["sequence"]],
         "page_first": {"tokens": f["page_first"].tokens, "tok_s": f["page_first"].tok_s} if f.get("page_first") else None,
-        **{k: v for k, v in f.items() if k not in ("generate", "page_closed", "page_open", "page_first")},
+        **{k: v for k, v in f.items() if k not in ("generate", "page_closed", "page_open", "page_first", "sequence")},
     }
