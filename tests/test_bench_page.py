@@ -18,7 +18,7 @@ def test_page_suite_on_the_tiny_model(smol_tokenizer, tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM as HFLlama
 
     from helpers.tiny import loaded_from_hf, tiny_llama_config
-    from localchat.bench.page import missing_browser, run_order
+    from localchat.bench.page import REGENERATES, missing_browser, run_order
     from localchat.bench.report import Report
     from localchat.bench.suites import SUITES, run_bench
     from localchat.bench.workloads import BenchContext, Sizes
@@ -49,7 +49,14 @@ def test_page_suite_on_the_tiny_model(smol_tokenizer, tmp_path, monkeypatch):
     assert isinstance(details["same_text"], bool)
     assert all(run["tokens"] > 0 for key in ("generate", "page_closed", "page_open") for run in details[key])
     assert details["branch_click_ms"] > 0 and len(details["branch_click_runs_ms"]) == 6
-    assert details["regenerate_first_token_ms"] > 0 and details["switch_then_send_first_token_ms"] > 0
+    runs = details["regenerate_first_token_runs_ms"]
+    assert len(runs) == len(details["regenerate_engine"]) == REGENERATES and all(ms > 0 for ms in runs)
+    assert details["regenerate_first_token_ms"] == statistics.median(runs)
+    assert details["switch_then_send_first_token_ms"] > 0
+    # each reply came from the history in the prefix cache: all of it but the newest tokens
+    follow = details["switch_then_send_engine"]
+    assert all(e["prefix_hit_tokens"] >= sizes.page_history_tokens // 2 for e in [*details["regenerate_engine"], follow])
+    assert follow["prefix_hit_tokens"] < follow["prompt_tokens"] - 1  # its new message is computed
     assert "page" in report.table()
 
 
