@@ -289,7 +289,7 @@ def measure_page(url: str, baseline: Callable[[], Growth], tokenizer, sizes: Siz
 
     say = log or (lambda _m: None)
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    out: dict = {"generate": [], "page_closed": [], "page_open": [], "sequence": []}
+    out: dict = {"sequence": []}  # (key, Growth) of every run in the order they ran
     timeout_s = float(os.environ.get("LOCALCHAT_PAGE_TIMEOUT_S", "600"))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -313,7 +313,6 @@ def measure_page(url: str, baseline: Callable[[], Growth], tokenizer, sizes: Siz
                 session.memory_panel(open=key == "page_open")
                 g = baseline() if key == "generate" else page_growth(session, PROMPT, timeout_s)
                 g.tokens = count(g.text)
-                out[key].append(g)
                 out["sequence"].append((key, g))
                 say(f"[page] {key}: {g.tokens} tokens, {g.tok_s:.1f} tok/s")
             session.memory_panel(open=False)
@@ -488,6 +487,7 @@ def _run_in_process(ctx: BenchContext, sizes: Sizes, tmp: Path) -> dict:
 
 
 def _report(f: dict, report: Report) -> None:
+    f = {**f, **{k: [g for kk, g in f["sequence"] if kk == k] for k in ("generate", "page_closed", "page_open")}}
     gen = statistics.median(g.tok_s for g in f["generate"])
     paired = {key: paired_ratios(f["sequence"], key) for key in ("page_closed", "page_open")}
     for key, label in (("page_closed", "memory panel closed"), ("page_open", "memory panel open")):
