@@ -66,8 +66,8 @@
     const server = parts.chat && parts.chat.server;
     if (server && server.switch_branch) Promise.resolve(server.switch_branch({conv: +c.dataset.conv, leaf})).catch(() => {});
   }
-  // Show the branch up to `id` only (a reply being regenerated or a message being edited goes away
-  // while its replacement streams below); the server is not told: the new reply moves the branch.
+  // Show the branch up to `id` only (a reply being regenerated or a message being edited goes away as its
+  // replacement starts streaming below); the server is not told: the new reply moves the branch.
   function showUpTo(id) {
     const c = conv();
     if (!c) return;
@@ -76,11 +76,11 @@
     for (const {node, id: mid} of t.byId.values()) node.hidden = !on.has(mid);
     pathChanged(t, on);
   }
-  window.lcHideLast = () => {
+  function hideLast() {
     const shown = $$('#lc-chat .lc-msg:not([hidden])');
     const last = shown[shown.length - 1];
     if (last && last.classList.contains('lc-assistant')) showUpTo(last.dataset.parent === '' ? null : +last.dataset.parent);
-  };
+  }
   function currentPath() {
     const c = conv(), t = tree();
     return {t, on: new Set(c && c.dataset.leaf ? pathTo(t, +c.dataset.leaf) : [])};
@@ -129,9 +129,9 @@
     const close = () => { box.remove(); body.hidden = false; };
     save.addEventListener('click', () => {
       if (!area.value.trim()) { area.focus(); return; }
-      parts.chat.trigger('lc_edit', {message_id: +msg.dataset.id, text: area.value});
+      const text = area.value;
       close();
-      showUpTo(msg.dataset.parent === '' ? null : +msg.dataset.parent);
+      startReply('edit', {message_id: +msg.dataset.id, text}, () => showUpTo(msg.dataset.parent === '' ? null : +msg.dataset.parent));
     });
     cancel.addEventListener('click', close);
     area.addEventListener('keydown', (e) => {
@@ -159,10 +159,7 @@
     if (!msg || !parts.chat) return;
     const id = +msg.dataset.id;
     if (act === 'edit') startEdit(msg);
-    else if (act === 'regen') {
-      parts.chat.trigger('lc_regen', {message_id: id});
-      showUpTo(msg.dataset.parent === '' ? null : +msg.dataset.parent);
-    }
+    else if (act === 'regen') startReply('regenerate_message', {message_id: id}, () => showUpTo(msg.dataset.parent === '' ? null : +msg.dataset.parent));
     else if (act === 'copy' && navigator.clipboard) navigator.clipboard.writeText(msg.dataset.src || '').catch(() => {});
     else if (act === 'compare') {
       const open = $('#lc-compare .lc-compare');
@@ -180,6 +177,40 @@
     const stop = $('#lc-stop');
     if (stop) { e.preventDefault(); stop.click(); }
   });
+
+  // ------------------------------------------------------------------ starting a reply
+  // Send, regenerate and edit start their reply with a plain request (localchat/ui/streaming.py
+  // server_start_reply), not a Gradio event: an event's statuses cost the page tens of ms on the engine's
+  // cores and put ~40 ms between the click and the request. The answer is the reply's frame, shown through
+  // the live block's props as if the server had set it; the settings are the ones Gradio's change events
+  // keep in window.lcSettings (localchat/ui/app.py). A refusal is shown by a Gradio event (on_refused).
+  // What the reply replaces (`hide`) goes in the same frame as the reply's first tokens: nothing is laid out
+  // while the engine computes them, and a refused start leaves the chat as it was.
+  const setPart = (part, html) => { if (part && part.props && part.props.value !== html) part.props.value = html; };
+  let starting = false;
+  async function startReply(action, data = {}, hide = null) {
+    const live = parts.live;
+    if (starting || !live || !live.server || !live.server.start_reply) return;
+    const c = conv();
+    const arg = {tab: window.lcTab || '', action, conv: c && c.dataset.conv ? +c.dataset.conv : null,
+                 leaf: window.lcLeaf(), settings: window.lcSettings || null, system: window.lcSystem || '', ...data};
+    starting = true;
+    let answer = null;
+    try { answer = await live.server.start_reply(arg); } catch (_) { answer = null; }
+    finally { starting = false; }
+    if (!answer || typeof answer.key !== 'string') return live.trigger('lc_refused', {});
+    if (hide) hide();
+    if (action === 'send') {
+      const box = $('#lc-input textarea');
+      if (box && box.value === data.text) { box.value = ''; box.dispatchEvent(new Event('input', {bubbles: true})); }
+    }
+    setPart(parts.compare, '');
+    setPart(parts.status, '');
+    setPart(live, answer.frame);
+    following(answer.key);  // the block's watch fires only for values that came from the server
+    if (answer.new_chat) live.trigger('lc_started', {key: answer.key});
+  }
+  window.lcStart = (action, data) => startReply(action, data, action === 'regenerate' ? hideLast : null);
 
   // ------------------------------------------------------------------ following the reply
   const thread = () => $('#lc-thread');
@@ -238,7 +269,9 @@
   }
   function liveChanged() {
     const live = $('#lc-live .lc-live[data-stream]');
-    const key = live ? live.dataset.stream : null;
+    following(live ? live.dataset.stream : null);
+  }
+  function following(key) {
     if (key && key !== stream.key) followStream(key);
     if (!key && stream.source) { stream.source.close(); stream.source = null; stream.key = null; }
     document.documentElement.classList.toggle('lc-writing', !!key);  // assets/ui.css: the caret while it writes

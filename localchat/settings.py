@@ -36,7 +36,7 @@ SHUTDOWN_GRACE_S = 3  # on Ctrl-C/SIGTERM, how long running replies get to end a
 # ---- the page ------------------------------------------------------------------------------------
 DEFAULT_HOST = "127.0.0.1"  # this machine only, unless the user asks for more
 DEFAULT_PORT = 7860
-UI_CONCURRENCY = 8  # replies the page streams at once (Gradio's queue)
+UI_CONCURRENCY = 8  # the page's events Gradio's queue runs at once (a reply holds none while it streams)
 UI_MAX_SAMPLES = 8  # samples shown side by side
 # A streaming reply updates the page at most this often: three a second, ~25 tokens each at this model's speed on two
 # cores. Each update costs ~20 ms of CPU in the browser and the app, taken from the engine on a two-core machine; five a

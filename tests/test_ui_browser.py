@@ -417,6 +417,62 @@ def test_search_by_title_and_content(page, app):
     page.wait_for_function("() => document.querySelectorAll('#lc-conversations label').length >= 2")
 
 
+def _requests_until_first_tokens(page, act) -> list[tuple[str, dict | None]]:
+    """What the page asked the server from `act` until the reply's first tokens show: (path, JSON body)."""
+    seen: list = []
+
+    def record(r):
+        try:
+            body = json.loads(r.post_data) if r.method == "POST" and r.post_data else None
+        except ValueError:
+            body = None
+        seen.append((r.url.split("?")[0].split("/", 3)[-1], body))
+
+    page.on("request", record)
+    act()
+    page.wait_for_function("() => (document.querySelector('#lc-live .lc-streaming .lc-body') || {}).textContent")
+    page.remove_listener("request", record)
+    return seen
+
+
+def test_a_reply_starts_with_one_plain_request_and_no_gradio_event(page, app):
+    """Send, ↻ under the chat, ↻ on a reply and an edit each start their reply with one request of the page
+    script (localchat/ui/streaming.py server_start_reply): no Gradio event leaves the page before the reply's
+    first tokens show. The settings it carries are the page's, though the Settings panel was never opened,
+    and then the ones typed in it."""
+    from localchat import settings
+
+    open_conversation(page, app)
+    new_chat(page)
+    box = page.locator("#lc-input textarea")
+    box.fill("Start me plainly")
+    sent = _requests_until_first_tokens(page, lambda: box.press("Enter"))
+    starts = [body["data"] for path, body in sent if path.endswith("component_server/") and body and body.get("fn_name") == "start_reply"]
+    assert sent[0][0].endswith("component_server/") and len(starts) == 1, sent
+    assert starts[0]["action"] == "send" and starts[0]["text"] == "Start me plainly"
+    assert starts[0]["settings"][5] == settings.DEFAULT_MAX_TOKENS and not page.locator("#lc-max-tokens input").count()
+    wait_replies(page, 1)
+    assert box.input_value() == "" and page.locator('#lc-chat .lc-conv:not([data-conv=""])').count() == 1
+
+    set_setting(page, "lc-max-tokens", 9)
+    actions = {
+        "regenerate": lambda: page.locator("#lc-regenerate").click(),
+        "regenerate_message": lambda: page.locator("#lc-chat .lc-assistant:not([hidden]) [data-act=regen]").click(),
+    }
+    for n, (action, act) in enumerate(actions.items()):
+        sent = _requests_until_first_tokens(page, act)
+        assert not [path for path, _ in sent if "queue/join" in path], sent
+        (start,) = [body["data"] for _, body in sent if body and body.get("fn_name") == "start_reply"]
+        assert start["action"] == action and start["settings"][5] == 9
+        wait_replies(page, n + 2)
+    page.locator("#lc-chat .lc-user:not([hidden]) [data-act=edit]").click()
+    sent = _requests_until_first_tokens(page, lambda: page.locator("#lc-chat .lc-editor textarea").fill("Edited") or
+                                        page.locator("#lc-chat .lc-editor textarea").press("Enter"))
+    assert not [path for path, _ in sent if "queue/join" in path], sent
+    wait_replies(page, 4)
+    assert shown(page)[0] == "Edited"
+
+
 def test_keyboard_enter_sends_shift_enter_new_line_escape_stops(page, app):
     open_conversation(page, app)
     new_chat(page)

@@ -47,11 +47,18 @@ def _asset(name: str) -> str | None:
     return path.read_text(encoding="utf-8") if path.exists() else None
 
 
-def _leaf_into(index: int, *, hide_last: bool = False) -> str:
-    """Event js that puts the branch the page shows into input `index` before the request leaves (and,
-    for a regenerate, hides the reply being replaced at once)."""
-    hide = "if (window.lcHideLast) window.lcHideLast(); " if hide_last else ""
-    return f"(...a) => {{ a[{index}] = window.lcLeaf ? window.lcLeaf() : ''; {hide}return a; }}"
+# The page keeps the settings' values (and the system prompt's) for the replies it starts itself (assets/ui.js
+# startReply): Gradio's change events run this in the page alone, whether or not the Settings panel was ever
+# opened, on every change a person or an event makes.
+MIRROR_SETTINGS_JS = "(...v) => { window.lcSettings = v.slice(0, -1); window.lcSystem = v[v.length - 1]; }"
+# The page's own id for its tab, made once and sent with the page's first event (ReplyHandlers.on_load); its
+# starts carry it. getRandomValues works on plain http too (a LAN address), where randomUUID does not.
+TAB_ID_JS = ("() => [window.lcTab = window.lcTab || Array.from(crypto.getRandomValues(new Uint8Array(16)), "
+             "(b) => b.toString(16).padStart(2, '0')).join('')]")
+
+
+def _start_js(action: str, data: str = "{}") -> str:
+    return f"(...a) => {{ if (window.lcStart) window.lcStart('{action}', {data}); }}"
 
 
 def build_ui(service: ChatService, *, title: str = "localchat", presets: Presets | None = None,
@@ -69,8 +76,11 @@ def build_ui(service: ChatService, *, title: str = "localchat", presets: Presets
     def block_text(arg):
         return h.server_block_text(arg)
 
+    def start_reply(arg):
+        return h.server_start_reply(arg)
+
     with gr.Blocks(title=title, fill_height=True, elem_id="lc-app") as demo:
-        widgets = build_layout({"chat": [switch_branch], "mem": [memory, block_text]})
+        widgets = build_layout({"chat": [switch_branch], "mem": [memory, block_text], "live": [start_reply]})
         h.w = widgets
         wire(demo, widgets, h)
         wire_model_picker(widgets.model_picker, ModelPicker(switcher, service), demo,
@@ -85,19 +95,22 @@ def wire(demo: gr.Blocks, w: Widgets, h: ReplyHandlers) -> None:
     """Connect each widget event to its handler (events are private: scripts use the api.py endpoints)."""
     select_out = [w.conv_state, w.conv_list, w.title_box, w.system_box, w.chat, w.overview, w.live, w.compare,
                   w.status, w.export_file]
-    stream_out = [w.msg, *select_out]
     quiet = quiet_events(w)
-    streaming = {"concurrency_limit": settings.UI_CONCURRENCY, **quiet}
+    mirrored = [*w.settings, w.system_box]
 
-    demo.load(h.on_load, None, [*select_out, w.mem_html, w.preset], **quiet)
+    demo.load(h.on_load, [w.tab_box], [*select_out, w.mem_html, w.preset], js=TAB_ID_JS, **quiet)
+    demo.load(None, mirrored, None, js=MIRROR_SETTINGS_JS, **quiet)
+    gr.on([c.change for c in mirrored], None, mirrored, None, js=MIRROR_SETTINGS_JS, **quiet)
 
+    # Replies start from the page script (localchat/ui/streaming.py server_start_reply); these events run only
+    # in the page. A reply on a message (↻, edit) starts from its own button in the chat (assets/ui.js).
     for trigger in (w.send_btn.click, w.msg.submit):
-        trigger(h.send_message, [w.msg, w.conv_state, w.leaf_box, w.system_box, *w.settings], stream_out, js=_leaf_into(2), **streaming)
-    w.regen_btn.click(h.regenerate_last, [w.conv_state, w.leaf_box, *w.settings], stream_out, js=_leaf_into(1, hide_last=True), **streaming)
-    w.chat.lc_regen(h.regenerate_message, [w.conv_state, *w.settings], stream_out, **streaming)
-    w.chat.lc_edit(h.edit_message, [w.conv_state, *w.settings], stream_out, **streaming)
+        trigger(None, [w.msg], None, js=_start_js("send", "{text: a[0]}"), **quiet)
+    w.regen_btn.click(None, None, None, js=_start_js("regenerate"), **quiet)
     w.chat.lc_compare(h.on_compare, [w.conv_state], [w.compare], **quiet)
     w.live.lc_finish(h.finish_reply, [w.conv_state], select_out, **quiet)
+    w.live.lc_started(h.on_started, None, [w.conv_state, w.conv_list, w.title_box], **quiet)
+    w.live.lc_refused(h.on_refused, [w.conv_state], [w.chat, w.overview], **quiet)
     w.stop_btn.click(h.on_stop, None, None, queue=False, **quiet)
     demo.unload(h.on_unload)  # a closed or reloaded tab ends its replies
 

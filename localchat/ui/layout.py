@@ -29,7 +29,7 @@ def _mount(part: str, events: tuple[str, ...] = ()) -> str:
     names = ", ".join(f"'{e}'" for e in events)  # the custom events this block triggers: {names}
     return (
         f"/* events: [{names}] */\n"
-        f"const lc = (window.lcParts = window.lcParts || {{}}); lc['{part}'] = {{element, trigger, server}};\n"
+        f"const lc = (window.lcParts = window.lcParts || {{}}); lc['{part}'] = {{element, trigger, server, props}};\n"
         f"if (window.lcMount) window.lcMount('{part}');\n"
         f"watch('value', () => window.lcChanged && window.lcChanged('{part}'));"
     )
@@ -38,7 +38,7 @@ def _mount(part: str, events: tuple[str, ...] = ()) -> str:
 @dataclass
 class Widgets:
     conv_state: Any
-    leaf_box: Any
+    tab_box: Any
     new_btn: Any
     search_box: Any
     conv_list: Any
@@ -90,7 +90,7 @@ def build_layout(server_fns: dict[str, list[Callable]] | None = None) -> Widgets
     """Create every widget (call inside `with gr.Blocks()`); `server_fns` are the page script's calls."""
     fns = server_fns or {}
     made: dict[str, Any] = {"conv_state": gr.State(None)}
-    made["leaf_box"] = gr.Textbox("", visible=False, elem_id="lc-leaf")
+    made["tab_box"] = gr.Textbox("", visible=False, elem_id="lc-tab")  # carries the page's tab id (app.TAB_ID_JS)
     with gr.Sidebar(open=True, width=280, elem_id="lc-sidebar"):
         _sidebar(made)
     with gr.Row(equal_height=False, elem_id="lc-main"):
@@ -122,11 +122,12 @@ def _sidebar(made: dict) -> None:
 def _thread(made: dict, fns: dict) -> None:
     with gr.Column(elem_id="lc-thread"):
         made["chat"] = gr.HTML(conversation_html(None, [], None, context=0), elem_id="lc-chat",
-                               js_on_load=_mount("chat", ("lc_edit", "lc_regen", "lc_compare")),
+                               js_on_load=_mount("chat", ("lc_compare",)),
                                server_functions=fns.get("chat"))
-        made["live"] = gr.HTML("", elem_id="lc-live", js_on_load=_mount("live", ("lc_finish",)))
+        made["live"] = gr.HTML("", elem_id="lc-live", js_on_load=_mount("live", ("lc_finish", "lc_started", "lc_refused")),
+                               server_functions=fns.get("live"))
     made["compare"] = gr.HTML("", elem_id="lc-compare", js_on_load=_mount("compare"))
-    made["status"] = gr.HTML("", elem_id="lc-status", apply_default_css=False, js_on_load=None)
+    made["status"] = gr.HTML("", elem_id="lc-status", apply_default_css=False, js_on_load=_mount("status"))
     made["gauge"] = gr.HTML('<div class="lc-gauge"></div>', elem_id="lc-gauge", apply_default_css=False, js_on_load=None)
     with gr.Row(equal_height=True, elem_id="lc-compose"):
         made["msg"] = gr.Textbox(placeholder="Message localchat (Enter sends, Shift+Enter for a new line, Esc stops)",
