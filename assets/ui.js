@@ -196,7 +196,13 @@
                  leaf: window.lcLeaf(), settings: window.lcSettings || null, system: window.lcSystem || '', ...data};
     starting = true;
     let answer = null;
-    try { answer = await live.server.start_reply(arg); } catch (_) { answer = null; }
+    try {
+      const call = live.server.start_reply(arg);
+      // A first message also asks for its new conversation (the sidebar, the title) at once: Gradio's event
+      // then runs while the engine computes the first tokens, not while the reply streams (on_started).
+      if (action === 'send' && arg.conv === null) live.trigger('lc_started', {});
+      answer = await call;
+    } catch (_) { answer = null; }
     finally { starting = false; }
     if (!answer || typeof answer.key !== 'string') return live.trigger('lc_refused', {});
     if (hide) hide();
@@ -208,7 +214,6 @@
     setPart(parts.status, '');
     setPart(live, answer.frame);
     following(answer.key);  // the block's watch fires only for values that came from the server
-    if (answer.new_chat) live.trigger('lc_started', {key: answer.key});
   }
   window.lcStart = (action, data) => startReply(action, data, action === 'regenerate' ? hideLast : null);
 

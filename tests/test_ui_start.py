@@ -5,12 +5,14 @@ a conversation gives the page that conversation. (In Chromium: tests/test_ui_bro
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 
 from localchat.ui.layout import build_layout
+from localchat.ui import streaming
 from localchat.ui.streaming import ReplyHandlers
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.*")
@@ -65,17 +67,34 @@ def test_a_send_that_starts_a_conversation_gives_the_page_that_conversation(hand
     assert [m.role for m in h.store.current_path(answer["conv"])] == ["user", "assistant"]
 
 
-def test_on_started_names_the_new_conversation_while_its_reply_runs(handlers):
+def test_on_started_names_the_new_conversation_even_if_asked_before_the_start(handlers, monkeypatch):
+    """The page asks for a first message's conversation as it sends the start (assets/ui.js): on_started
+    waits for the start to register, then names it; a refused start answers it at once, and another tab's
+    start is not this tab's conversation."""
     h = handlers
     tab = open_tab(h)
+    asked: list[dict] = []
+    waiting = threading.Thread(target=lambda: asked.append(h.on_started(tab_request())))
+    waiting.start()
+    time.sleep(0.3)  # on_started is waiting: nothing has started yet
+    assert waiting.is_alive() and asked == []
     answer = start(h, tab, action="send", text="A long one", settings=[*SETTINGS[:5], 400, *SETTINGS[6:]])
-    started = h.on_started(tab_request(), SimpleNamespace(_data={"key": answer["key"]}))
-    assert started[h.w.conv_state] == answer["conv"] and h.w.conv_list in started
-    # Another tab cannot ask for it, and a reply in an existing conversation gives nothing.
-    assert h.on_started(tab_request("session-b"), SimpleNamespace(_data={"key": answer["key"]})) == {}
+    waiting.join(10)
+    assert asked[0][h.w.conv_state] == answer["conv"] and h.w.conv_list in asked[0]
+    assert asked[0][h.w.title_box] == h.store.get_conversation(answer["conv"]).title
+    monkeypatch.setattr(streaming, "STARTED_WAIT_S", 0.3)
+    assert h.on_started(tab_request("session-b")) == {}
     h.on_stop(tab_request())
     final = finish(h, answer, answer["conv"])
     assert h.w.chat in final and "Stopped" in final[h.w.status]
+
+    waiting = threading.Thread(target=lambda: asked.append(h.on_started(tab_request())))
+    monkeypatch.setattr(streaming, "STARTED_WAIT_S", 30)
+    t0 = time.monotonic()
+    waiting.start()
+    assert "error" in start(h, tab, action="send", text=" ")
+    waiting.join(10)
+    assert asked[1] == {} and time.monotonic() - t0 < 5
 
 
 @pytest.mark.parametrize("arg, message", [

@@ -26,6 +26,7 @@ from localchat.ui.render import SETTING_NAMES, title_from_message
 
 log = logging.getLogger(__name__)
 
+STARTED_WAIT_S = 10.0  # how long on_started waits for its start to register (it is sent first)
 FIRST_OUTPUT_WAIT_S = 0.2  # how long the reply's frame may wait for the engine's first tokens (server_start_reply)
 
 
@@ -39,7 +40,6 @@ class RunningReply:
     session: str  # the browser tab that started it (Gradio's session hash)
     params: object  # its SamplingParams
     new_chat: bool = False  # its message started the conversation
-    announced: bool = False  # the page was given that conversation (on_started)
     final: list | None = None  # the newest update: one event per sample
     stop: bool = False  # asked to stop (the Stop button, Escape)
     abandoned: bool = False  # its tab was closed
@@ -71,6 +71,7 @@ class ReplyHandlers(Handlers):
         self.replies: dict[str, RunningReply] = {}  # by slot key: running, or ended and not yet shown
         self.tabs: dict[str, str] = {}  # the page's own id for its tab -> its Gradio session (on_load)
         self._starting = threading.Lock()
+        self._registered = threading.Condition()  # notified as a start registers its reply or its refusal
         self.refusals: dict[str, str] = {}  # by session: why its last start was refused (on_refused shows it)
 
     # ------------------------------------------------------------------ starting a reply
@@ -97,6 +98,9 @@ class ReplyHandlers(Handlers):
             except gr.Error as exc:
                 self.refusals[session] = exc.message
                 return {"error": exc.message}
+            finally:
+                with self._registered:
+                    self._registered.notify_all()
         reply.shown.wait(FIRST_OUTPUT_WAIT_S)
         return {"key": reply.slot.key, "frame": reply.slot.view.html(reply.slot.events, reply.slot.key),
                 "conv": reply.conv_id, "new_chat": reply.new_chat}
@@ -121,13 +125,22 @@ class ReplyHandlers(Handlers):
             yield self.views(conv_id)
         raise err(message or "The reply could not start: the app did not answer. Reload the page.")
 
-    def on_started(self, request: gr.Request, evt: gr.EventData):
-        """A reply that started a conversation (the page asks once its frame shows): the page's conversation
-        is the new one, in the sidebar with its title."""
-        reply = self._reply_of(request, evt)
-        if reply is None or not reply.new_chat or reply.ended.is_set():
-            return {}  # an ended reply's conversation comes with its end (finish_reply)
-        reply.announced = True
+    def on_started(self, request: gr.Request):
+        """A message that starts a conversation: the page asks for that conversation (to name it in the
+        sidebar, with its title) as it sends the start, so that this event's work in the page and here
+        overlaps the engine's first step instead of the reply's first seconds (benchmarks/NOTES.md,
+        session 18). The start usually registers first; else this waits for it, or for its refusal."""
+        session = self.session_of(request)
+
+        def started() -> RunningReply | None:
+            return next((r for r in list(self.replies.values()) if r.session == session and r.new_chat
+                         and not r.ended.is_set()), None)
+
+        with self._registered:
+            self._registered.wait_for(lambda: started() is not None or session in self.refusals, STARTED_WAIT_S)
+        reply = started()
+        if reply is None:
+            return {}  # refused (on_refused says why), or already over: its end brings the conversation
         return {**self._new_chat(reply), self.w.conv_list: self.sidebar(reply.conv_id)}
 
     def _new_chat(self, reply: RunningReply) -> dict:
@@ -261,8 +274,10 @@ class ReplyHandlers(Handlers):
             return
         reply.ended.wait()  # at once, unless the page lost its stream early
         self._forget(reply)
-        if reply.new_chat and not reply.announced and conv_id is None:
-            conv_id = reply.conv_id  # it ended before the page learnt of its conversation (on_started)
+        if reply.new_chat and conv_id is None:
+            # The page still follows this reply (a page that moved on stops following and never asks), so
+            # it shows its conversation, whether or not on_started has told it so yet.
+            conv_id = reply.conv_id
         newer = any(r.session == reply.session and not r.ended.is_set() for r in list(self.replies.values()))
         if newer or reply.conv_id != conv_id:
             yield {self.w.conv_list: self.sidebar(conv_id)}
