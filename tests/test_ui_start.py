@@ -117,6 +117,22 @@ def test_a_start_that_cannot_run_is_refused_with_its_reason(handlers, arg, messa
     assert h.replies == {} and h.store.list_conversations() == []
 
 
+def test_a_refusal_shows_the_chat_as_saved(handlers):
+    """A regenerate of a reply deleted meanwhile (another tab) is refused, and the page gets the chat as it is."""
+    h = handlers
+    tab = open_tab(h)
+    first = start(h, tab, action="send", text="Question")
+    finish(h, first, first["conv"])
+    user, reply = h.store.current_path(first["conv"])
+    answer = start(h, tab, action="regenerate_message", conv=first["conv"], message_id=reply.id + 1000)
+    assert "not in this conversation" in answer["error"]
+    shown = h.on_refused(tab_request(), first["conv"])
+    views = next(shown)
+    assert "Question" in views[h.w.chat]
+    with pytest.raises(gr.Error, match="not in this conversation"):
+        next(shown)
+
+
 def test_a_page_the_app_does_not_know_is_told_to_reload(handlers):
     h = handlers
     open_tab(h)
@@ -148,6 +164,10 @@ def test_two_starts_at_once_from_one_tab_start_one_reply(handlers):
         t.join(30)
     assert sorted("key" in a for a in answers) == [False, True]
     assert "still being written" in next(a["error"] for a in answers if "error" in a)
+    # The refusal is a message; the chat is not rendered again beside the reply being written.
+    shown = h.on_refused(tab_request(), conv.id)
+    with pytest.raises(gr.Error, match="still being written"):
+        next(shown)
     h.on_stop(tab_request())
     finish(h, next(a for a in answers if "key" in a), conv.id)
     assert [m.role for m in h.store.list_messages(conv.id)] == ["user", "assistant"]

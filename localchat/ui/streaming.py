@@ -118,10 +118,12 @@ class ReplyHandlers(Handlers):
         raise err("The page asked for something the app does not do: reload it.")
 
     def on_refused(self, request: gr.Request, conv_id):
-        """The page's start was refused (server_start_reply): the chat as saved (the page hid the reply being
-        replaced), and the reason as a message."""
-        message = self.refusals.pop(self.session_of(request), None)
-        if conv_id is not None:
+        """The page's start was refused (server_start_reply): the reason as a message, and the chat as saved
+        (it may have changed in another tab: a message deleted there). Not while this tab's reply streams: its
+        saved rows would show beside the reply being written."""
+        session = self.session_of(request)
+        message = self.refusals.pop(session, None)
+        if conv_id is not None and not self._running(session):
             yield self.views(conv_id)
         raise err(message or "The reply could not start: the app did not answer. Reload the page.")
 
