@@ -54,15 +54,17 @@ def test_a_large_presence_penalty_changes_the_greedy_choice():
 
 def test_top_alternatives_only_for_rows_that_ask():
     torch.manual_seed(1)
-    logprobs = torch.log_softmax(torch.randn(3, 40), dim=-1)
+    logits = torch.randn(3, 40)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    norms = torch.logsumexp(logits, dim=-1).tolist()
     seqs = [seq([1], [], logprobs=True, top_logprobs=3), seq([1], []), seq([1], [], logprobs=True, top_logprobs=5)]
-    tops = top_alternatives(logprobs, seqs)
+    tops = top_alternatives(logits, norms, seqs)
     assert tops[1] is None and len(tops[0]) == 3 and len(tops[2]) == 5
     for row in (0, 2):
         values, indices = torch.topk(logprobs[row], len(tops[row]))
         assert [t for t, _ in tops[row]] == indices.tolist()
         assert [v for _, v in tops[row]] == pytest.approx(values.tolist())
-    assert top_alternatives(logprobs, [seq([1], []), seq([1], [], logprobs=True)]) is None
+    assert top_alternatives(logits, norms, [seq([1], []), seq([1], [], logprobs=True)]) is None
 
 
 def test_sample_reports_the_chosen_tokens_alternatives():
@@ -105,7 +107,7 @@ def exact_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p).softmax(dim=-1)
 
 
-@pytest.mark.parametrize("params, fits", [
+DRAWS = [  # (params, whether the kept set lies among 12 candidates)
     (SamplingParams(temperature=0.8, top_p=0.9), True),  # a nucleus inside the candidates
     (SamplingParams(temperature=1.0, top_p=1.0, top_k=5), True),
     (SamplingParams(temperature=1.3, top_p=0.95, min_p=0.3), True),  # min-p confines it
@@ -113,26 +115,78 @@ def exact_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     (SamplingParams(temperature=0.7, top_p=1.0, min_p=0.2), True),
     (SamplingParams(temperature=5.0, top_p=0.99), False),  # a flat distribution: the nucleus is wider
     (SamplingParams(temperature=1.0, top_p=1.0), False),  # no truncation: the whole vocabulary
-])
-def test_batched_draws_follow_filter_logits(monkeypatch, params, fits):
-    """Many rows drawn in one batch (the candidate path, or its fallback) match the exact
-    distribution of localchat/engine/sampler.py's filter_logits, and never pick a filtered token."""
-    from localchat.engine import sampler
+]
 
-    monkeypatch.setattr(sampler, "CANDIDATES", 12)
+
+def likely_logits() -> torch.Tensor:
     torch.manual_seed(3)
     logits = torch.randn(40) * 2.0
     logits[:6] += 3.0  # a few likely tokens
+    return logits
+
+
+@pytest.mark.parametrize("params, fits", DRAWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_draws_follow_filter_logits(monkeypatch, params, fits, dtype):
+    """Many rows drawn in one batch match the exact distribution of localchat/engine/sampler.py's
+    filter_logits, and never pick a filtered token: float32 CPU logits row by row in numpy (draw_row),
+    others on the batched candidate path (sample_candidates), each with its whole-vocabulary fallback."""
+    from localchat.engine import sampler
+
+    monkeypatch.setattr(sampler, "CANDIDATES", 12)
+    monkeypatch.setattr(sampler, "CANDIDATE_SHARES", (0.05,))
+    logits = likely_logits().to(dtype)
     rows = 4000
     seqs = [seq([0], [], **params.__dict__) for _ in range(rows)]
     batch = logits.expand(rows, -1).clone()
-    picked = sampler.sample_candidates(batch, seqs, torch.Generator().manual_seed(1))
-    assert all((t is not None) is fits for t in picked)
+    if dtype == torch.float64:
+        picked = sampler.sample_candidates(batch, seqs, torch.Generator().manual_seed(1))
+        assert all((t is not None) is fits for t in picked)
     tokens = sampler.sample(batch.clone(), seqs, torch.Generator().manual_seed(2)).token_ids
-    counts = torch.bincount(torch.tensor(tokens), minlength=40).float() / rows
-    expected = exact_probs(logits, params)
+    counts = torch.bincount(torch.tensor(tokens), minlength=40).double() / rows
+    expected = exact_probs(logits.double(), params)
     assert counts[expected == 0].sum() == 0
     assert (counts - expected).abs().max() < 0.03, (counts, expected)
+
+
+@pytest.mark.parametrize("params, _", DRAWS)
+@pytest.mark.parametrize("share", [0.3, 0.05, 1e-3, 1e-9])
+def test_a_row_is_drawn_among_its_candidates_only_when_its_kept_set_is_among_them(monkeypatch, params, _, share):
+    """draw_row's candidates are the tokens weighing at least `share` of the most likely one (after the
+    temperature): it draws among them only if filter_logits keeps no token outside them, and then the
+    token is one filter_logits keeps; else it leaves the row to the whole-vocabulary path (None)."""
+    from localchat.engine import sampler
+
+    monkeypatch.setattr(sampler, "CANDIDATE_SHARES", (share,))
+    logits = likely_logits()
+    expected = exact_probs(logits, params)
+    weights = torch.exp((logits - logits.max()) / params.temperature)
+    outside = bool(((expected > 0) & (weights < share)).any())
+    truncated = 0 < params.top_k < 40 or params.top_p < 1 or params.min_p > 0
+    for draw in range(50):
+        token = sampler.draw_row(logits.numpy(), seq([0], [], **params.__dict__), torch.Generator().manual_seed(draw))
+        if outside and truncated:
+            assert token is None
+        else:
+            assert token is not None and expected[token] > 0
+
+
+def test_a_row_with_a_nucleus_is_decided_on_few_candidates(monkeypatch):
+    """The default settings on a peaked row of a real vocabulary's size: the first share decides it, and
+    only its candidates are sorted."""
+    from localchat.engine import sampler
+
+    sorted_sizes = []
+    argsort = sampler.np.argsort
+    monkeypatch.setattr(sampler.np, "argsort", lambda a, **kw: sorted_sizes.append(a.shape[0]) or argsort(a, **kw))
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(49152, generator=gen) * 2.0
+    logits[:20] += 12.0
+    params = SamplingParams()  # the app's defaults: temperature 0.7, top-p 0.95
+    token = sampler.draw_row(logits.numpy(), seq([0], [], **params.__dict__), gen)
+    assert token is not None and exact_probs(logits, params)[token] > 0
+    weights = torch.exp((logits - logits.max()) / params.temperature)
+    assert sorted_sizes == [int((weights >= sampler.CANDIDATE_SHARES[0]).sum())] and 1 < sorted_sizes[0] < 100
 
 
 def test_seeded_rows_draw_the_same_tokens_in_any_batch():

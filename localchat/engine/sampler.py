@@ -87,18 +87,19 @@ def greedy_ids(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist() if values is None else values.argmax(axis=-1).tolist()
 
 
-def top_alternatives(logprobs_all: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple[int, float]] | None] | None:
-    """The most likely tokens and their log-probabilities, only for the rows that ask (one topk)."""
+def top_alternatives(logits: torch.Tensor, norms: list[float], seqs: list[Sequence]) -> list[list[tuple[int, float]] | None] | None:
+    """The most likely tokens and their log-probabilities (logit minus the row's logsumexp `norms`), only for
+    the rows that ask (one topk)."""
     rows = [r for r, s in enumerate(seqs) if s.params.top_logprobs]
     if not rows:
         return None
     k = max(seqs[r].params.top_logprobs for r in rows)
-    values, indices = torch.topk(logprobs_all[torch.tensor(rows, device=logprobs_all.device)], k, dim=-1)
+    values, indices = torch.topk(logits[torch.tensor(rows, device=logits.device)], k, dim=-1)
     values, indices = values.tolist(), indices.tolist()
     result: list[list[tuple[int, float]] | None] = [None] * len(seqs)
     for i, r in enumerate(rows):
         wanted = seqs[r].params.top_logprobs
-        result[r] = list(zip(indices[i][:wanted], values[i][:wanted]))
+        result[r] = list(zip(indices[i][:wanted], [v - norms[r] for v in values[i][:wanted]]))
     return result
 
 
@@ -185,16 +186,89 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.
     """Choose one token per row. `logits` is float32 [len(seqs), vocab] and may be modified."""
     logits = apply_repetition_penalty(logits, seqs)
     logits = apply_presence_frequency_penalties(logits, seqs)
-    logprobs_all = torch.log_softmax(logits, dim=-1)
+    values = _cpu_float32(logits)
     token_ids = greedy_ids(logits)
     rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
-    picked = sample_candidates(logits[rows], [seqs[r] for r in rows], default_generator) if rows else []
+    if values is None:
+        picked = sample_candidates(logits[rows], [seqs[r] for r in rows], default_generator) if rows else []
+    else:
+        picked = [draw_row(values[r], seqs[r], default_generator) for r in rows]
     for row, token in zip(rows, picked):
         if token is None:  # the kept set may be wider than the candidates: the whole vocabulary
             seq, p = seqs[row], seqs[row].params
             probs = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p).softmax(dim=-1)
             token = int(_race(probs[None], [seq], default_generator)[0])
         token_ids[row] = token
-    ids = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
-    chosen = logprobs_all.gather(1, ids[:, None]).squeeze(1).tolist()
-    return SampleResult(token_ids=token_ids, logprobs=chosen, top_logprobs=top_alternatives(logprobs_all, seqs))
+    if values is None:
+        norms = torch.logsumexp(logits, dim=-1).tolist()
+        chosen = logits.gather(1, torch.tensor(token_ids, device=logits.device)[:, None]).squeeze(1).tolist()
+    else:
+        norms = _logsumexp_rows(values).tolist()
+        chosen = values[np.arange(len(token_ids)), token_ids].tolist()
+    logprobs = [c - n for c, n in zip(chosen, norms)]
+    return SampleResult(token_ids=token_ids, logprobs=logprobs, top_logprobs=top_alternatives(logits, norms, seqs))
+
+
+# ---- one row on the CPU, in numpy ---------------------------------------------------------------------------
+# On the CPU the batched candidate path above cost ~1.3 ms a token for one chat row with the app's default
+# settings (temperature 0.7, top-p 0.95): torch.topk of 1,024 out of 49,152 logits, a logsumexp over the
+# whole row and some twenty small ops, ~15% of a decode step (benchmarks/NOTES.md, session 19). Here one
+# vectorized pass weighs the row, and the candidates are the tokens whose weight is at least a share of the
+# most likely one's: every token outside them is lighter than every token inside, so the kept set is decided
+# exactly whenever it lies inside them, and only the candidates (a few dozen to a few hundred) are sorted.
+CANDIDATE_SHARES = (1e-4, 1e-9)  # the second try, for a flatter row, before the whole-vocabulary path
+
+
+def draw_row(row: np.ndarray, seq: Sequence, default_generator: torch.Generator | None = None) -> int | None:
+    """filter_logits' distribution for one row of float32 logits, drawn with the row's generator (or the
+    shared one); None when the kept set may reach beyond the candidates of every share tried."""
+    p = seq.params
+    weights = row - row.max()
+    weights /= np.float32(p.temperature)
+    np.exp(weights, out=weights)  # the most likely token weighs 1
+    if not (0 < p.top_k < row.shape[0]) and p.top_p >= 1.0 and p.min_p <= 0.0:
+        ids = None  # nothing is cut: the whole row
+    else:
+        for share in CANDIDATE_SHARES:
+            ids = np.flatnonzero(weights >= share)
+            kept = _kept(ids, row, weights, p, share)
+            if kept is not None:
+                ids, weights = kept
+                break
+        else:
+            return None
+    generator = seq.generator if seq.generator is not None else default_generator
+    noise = torch.empty(weights.shape[0], dtype=torch.float64).exponential_(generator=generator)
+    pick = int(np.argmax(weights / noise.numpy()))  # the exponential race of _race
+    return pick if ids is None else int(ids[pick])
+
+
+def _kept(ids: np.ndarray, row: np.ndarray, weights: np.ndarray, p, share: float):
+    """The kept (token ids, weights) among the candidates `ids`, as filter_logits keeps them over the whole
+    row; None when tokens below `share` could be kept too."""
+    ids = ids[np.argsort(-row[ids], kind="stable")]  # most likely first, ties by id
+    w = weights[ids].astype(np.float64)
+    limited = 0 < p.top_k < row.shape[0]
+    fits = limited
+    if limited:
+        if ids.shape[0] < p.top_k:
+            return None  # the k-th most likely token is not a candidate
+        keep = row[ids] >= row[ids[p.top_k - 1]]  # ties with the k-th stay, as in filter_logits
+        ids, w = ids[keep], w[keep]
+    norm = w.sum() if limited else float(weights.sum(dtype=np.float64))
+    if p.top_p < 1.0:
+        probs = w / norm
+        drop = np.cumsum(probs) - probs >= p.top_p  # the mass before a token already reaches top-p
+        drop[0] = False
+        fits = fits or probs.sum() >= p.top_p  # then the first token outside is dropped, and all after it
+        ids, w = ids[~drop], w[~drop]
+    if p.min_p > 0.0:
+        fits = fits or share <= p.min_p  # every token outside weighs less than min-p x the most likely one
+        keep = w >= w[0] * p.min_p
+        ids, w = ids[keep], w[keep]
+    return (ids, w) if fits else None
+
+
+def _logsumexp_rows(values: np.ndarray) -> np.ndarray:
+    top = values.max(axis=-1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(values - top).sum(axis=-1))
