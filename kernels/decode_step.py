@@ -45,6 +45,8 @@ class _Step(ctypes.Structure):  # StepDesc in csrc/decode_step.cpp
         ("slots", ctypes.c_void_p), ("block_tables", ctypes.c_void_p), ("table_stride", ctypes.c_int64),
         ("token_table", ctypes.c_void_p), ("token_ctx", ctypes.c_void_p),
         ("scratch", ctypes.c_void_p), ("num_threads", ctypes.c_int64), ("activation_bits", ctypes.c_int64),
+        ("final_norm", ctypes.c_void_p), ("positions", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p),
+        ("rope_scaling", ctypes.c_float),
     ]
 
 
@@ -121,11 +123,15 @@ class StepPlan:
         weights = [w._desc(0) for w in (l.q, l.k, l.v, l.o, l.gate, l.up, l.down)]
         return _Layer(*weights, *(_ptr(t) for t in floats), l.k_cache.data_ptr(), l.v_cache.data_ptr())
 
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-            token_table: torch.Tensor, token_ctx: torch.Tensor, activations: str = "float32") -> torch.Tensor:
-        """Every layer for x [T, hidden] float32 (updated in place and returned); cos/sin float32 [T, head_dim/2];
+    def run(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, slots: torch.Tensor,
+            block_tables: torch.Tensor, token_table: torch.Tensor, token_ctx: torch.Tensor, activations: str = "float32",
+            *, rope: tuple[torch.Tensor, torch.Tensor, float] | None = None, final_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer for x [T, hidden] float32 (updated in place and returned); cos/sin float32 [T, head_dim/2],
+        or None with `rope` (positions int64 [T], inv_freq float32 [head_dim/2], scaling): the step computes them;
         slots int64 [T]; block_tables int32 [S, width]; token_table, token_ctx int32 [T]. activations: as
-        quant.matmul's."""
+        quant.matmul's. final_norm: float32 [hidden], the model's last norm, applied to x before it returns."""
+        if (cos is None) != (rope is not None) or (cos is None) != (sin is None):
+            raise ValueError("the native step needs either cos and sin, or rope's positions and frequencies")
         lib = library()
         if lib is None:
             raise RuntimeError("the native decode step is not available")
@@ -137,9 +143,10 @@ class StepPlan:
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.float32)
         step = _Step(len(self._layers), d["hidden"], d["heads"], d["kv_heads"], d["head_dim"], d["inter"],
-                     self.eps, self.scale, ctypes.addressof(self._layers), T, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                     self.eps, self.scale, ctypes.addressof(self._layers), T, x.data_ptr(), _ptr(cos), _ptr(sin),
                      self.kv_bf16, self.block_size, slots.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
-                     token_table.data_ptr(), token_ctx.data_ptr(), self._scratch.data_ptr(), threads, activation_bits(activations))
+                     token_table.data_ptr(), token_ctx.data_ptr(), self._scratch.data_ptr(), threads, activation_bits(activations),
+                     _ptr(final_norm), *((rope[0].data_ptr(), rope[1].data_ptr(), rope[2]) if rope else (None, None, 1.0)))
         status = lib.localchat_decode_step(ctypes.byref(step))
         if status:
             raise ValueError(f"native decode step: {_ERRORS.get(status, status)}")

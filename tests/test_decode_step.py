@@ -353,3 +353,33 @@ def test_chunks_run_twice_or_late_write_the_same_bits(monkeypatch):
     finally:
         after = step_debug(-1) + matmul_debug(-1)
     assert after - before > 100, "hardly any chunk ran twice: the test did not test it"
+
+
+def test_step_computes_rope_and_the_final_norm_when_asked():
+    """With rope's positions and frequencies instead of cos/sin, and the final norm's weight, a step gives what
+    the same step with torch's cos/sin gives, normalized by torch's rms_norm: float32 rounding apart."""
+    rng = np.random.default_rng(7)
+    hd = 64
+    layers = make_layers(rng, Q.Q4_1, False, False, hd)
+    shape = (8, 16, KV_HEADS, hd)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in layers]
+    plan = decode_step.StepPlan(
+        [decode_step.LayerTensors(**L, k_cache=kc, v_cache=vc) for L, (kc, vc) in zip(layers, caches)],
+        hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=hd, inter=INTER, eps=EPS, scale=hd**-0.5,
+    )
+    positions = torch.arange(5, dtype=torch.int64) + 40
+    inv_freq = (1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))).contiguous()
+    scaling = 0.9
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = (freqs.cos() * scaling).contiguous(), (freqs.sin() * scaling).contiguous()
+    args = (torch.tensor([0] * 5, dtype=torch.int64) + torch.arange(5) + 40, torch.tensor([[0, 1, 2, 3]], dtype=torch.int32),
+            torch.zeros(5, dtype=torch.int32), (positions + 1).to(torch.int32))
+    final_norm = torch.from_numpy(rng.standard_normal(HIDDEN).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((5, HIDDEN)).astype(np.float32))
+    given = plan.run(x.clone(), cos, sin, *args)
+    expected = final_norm * torch.nn.functional.rms_norm(given, (HIDDEN,), eps=EPS)
+    got = plan.run(x.clone(), None, None, *args, rope=(positions, inv_freq, scaling), final_norm=final_norm)
+    assert not torch.equal(got, given)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="cos and sin, or rope"):
+        plan.run(x.clone(), cos, sin, *args, rope=(positions, inv_freq, scaling))

@@ -17,7 +17,7 @@
 //                    token's first `ctx` positions of its sequence (float32 scores and sums)
 //                    x += attn @ Wo^T
 //                    h = rmsnorm(x) * ffn_norm;  x += (silu(h @ Wg^T) * (h @ Wu^T)) @ Wd^T
-// The final norm and the LM head stay with the caller (they need only the sampled rows).
+// The LM head stays with the caller (it needs only the sampled rows); the final norm is applied here if asked.
 //
 // Every output element is summed in an order that depends on the weights' layout alone (never on T or the
 // thread count), so results are bitwise independent of batching (design.md, invariant 5).
@@ -60,6 +60,12 @@ struct StepDesc {
     float* scratch;              // step_scratch_floats() floats
     int64_t num_threads;
     int64_t activation_bits;     // 8 or 16: the matmuls' types with integer-activation kernels round x (0: float32)
+    // Optional, so that a step needs no small torch ops around it: each costs the engine's loop several times its
+    // cost alone, run right after this call streamed the weights through the caches (benchmarks/NOTES.md, session 19).
+    const float* final_norm;     // [hidden] or null: x comes back normalized by the model's final norm
+    const int64_t* positions;    // [T] or null (then cos/sin are given): cos/sin computed here from
+    const float* inv_freq;       // [head_dim / 2], rope's frequencies, as positions * inv_freq * rope_scaling
+    float rope_scaling;
 };
 
 inline float bf16_bits_to_float(uint16_t h) {
@@ -642,12 +648,27 @@ int64_t localchat_step_scratch_floats(int64_t T, int64_t hidden, int64_t heads, 
 // that doesn't fit together (-1/-2 a weight's type or shape, -3 a weight's rows, -4 a missing tensor, -5 sizes).
 // `scratch` holds localchat_step_scratch_floats(..., num_threads) floats.
 int localchat_decode_step(const StepDesc* sp) {
-    const StepDesc& s = *sp;
+    StepDesc s = *sp;
     if (s.T <= 0) return 0;
     if (s.head_dim <= 0 || s.head_dim % 2 || s.kv_heads <= 0 || s.heads % s.kv_heads || s.block_size <= 0) return -5;
     for (int64_t i = 0; i < s.num_layers; ++i)
         if (int err = check_layer(s, s.layers[i])) return err;
     const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(s.num_threads, MAX_THREADS));
+    std::vector<float> rope_table;
+    if (s.positions) {
+        if (!s.inv_freq) return -4;
+        const int64_t half = s.head_dim / 2;
+        rope_table.resize((size_t)(2 * s.T * half));
+        for (int64_t t = 0; t < s.T; ++t)
+            for (int64_t i = 0; i < half; ++i) {
+                const float angle = (float)s.positions[t] * s.inv_freq[i];
+                rope_table[t * half + i] = cosf(angle) * s.rope_scaling;
+                rope_table[(s.T + t) * half + i] = sinf(angle) * s.rope_scaling;
+            }
+        s.cos = rope_table.data();
+        s.sin = rope_table.data() + s.T * half;
+    }
+    if (!s.cos || !s.sin) return -4;
     const Scratch sc = carve(s, nt);
     memcpy(sc.x_in, s.x, (size_t)(s.T * s.hidden) * 4);
     chunks::Board& board = chunks::board();
@@ -662,6 +683,8 @@ int localchat_decode_step(const StepDesc* sp) {
         for (int64_t i = 0; i < s.num_layers; ++i) layer(w, i);
     }
     if (s.num_layers > 0) memcpy(s.x, sc.layer(s.num_layers - 1).out, (size_t)(s.T * s.hidden) * 4);
+    if (s.final_norm)
+        for (int64_t t = 0; t < s.T; ++t) rmsnorm(s.x + t * s.hidden, s.final_norm, s.hidden, s.eps, s.x + t * s.hidden);
     return 0;
 }
 

@@ -39,7 +39,8 @@ class NativeForward:
         self.max_tokens = NATIVE_MAX_TOKENS if dense_dtype == torch.bfloat16 else NATIVE_MAX_TOKENS_FLOAT32_DENSE
         self.activations = "float32"  # set by the loader (loader._set_activations)
         self.weights = weights
-        self.inv_freq = inv_freq.to(torch.float32)
+        self.inv_freq = inv_freq.to(torch.float32).contiguous()
+        self.final_norm = weights.final_norm.detach().to(torch.float32).contiguous()
         self.attention_scaling = attention_scaling
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.eps = float(config.rms_norm_eps)
@@ -99,9 +100,6 @@ class NativeForward:
                  logits_indices: torch.Tensor | None) -> torch.Tensor:
         plan = self._plan_for(kv_caches)
         x = dequantized_rows(self.weights.embed, input_ids)
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos = (freqs.cos() * self.attention_scaling).contiguous()
-        sin = (freqs.sin() * self.attention_scaling).contiguous()
         # Each token attends to its sequence's positions up to its own: a decode row or a chunk's row alike.
         if isinstance(meta, _Rows):
             token_table = meta.token_table
@@ -110,11 +108,13 @@ class NativeForward:
         else:
             token_table = torch.repeat_interleave(torch.arange(meta.num_seqs, dtype=torch.int32), torch.tensor(meta.query_lens))
         token_ctx = (positions + 1).to(torch.int32)
-        plan.run(x, cos, sin, meta.slot_mapping, meta.block_tables, token_table, token_ctx, self.activations)
+        # Rope's cos/sin and the final norm are computed in the step: as torch ops around it they cost ~0.4 ms
+        # a token, ~6% of a decode step (benchmarks/NOTES.md, session 19).
+        plan.run(x, None, None, meta.slot_mapping, meta.block_tables, token_table, token_ctx, self.activations,
+                 rope=(positions.contiguous(), self.inv_freq, float(self.attention_scaling)), final_norm=self.final_norm)
         if logits_indices is not None and logits_indices.tolist() != list(range(x.shape[0])):  # decode rows: all
             x = x.index_select(0, logits_indices)
-        normed = self.weights.final_norm * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps)
-        return quant.matmul(normed.contiguous(), self.weights.lm_head, activations=self.activations)
+        return quant.matmul(x, self.weights.lm_head, activations=self.activations)
 
 
 @dataclass
