@@ -2,7 +2,7 @@
 
 usage: python benchmarks/step_profile.py [CONTEXT] [TOKENS]
 
-For each weights mode, one sequence decodes TOKENS tokens after a CONTEXT-token prompt, and the step is split
+For each weights mode, one sequence decodes (greedy; the native step also sampled with the app's defaults) TOKENS tokens after a CONTEXT-token prompt, and the step is split
 into ms per token:
   weights    the products with the weights (dense: every linear incl. the LM head; gguf: the native call at a
              1-token context, which is all weight streaming, plus the LM head)
@@ -31,9 +31,14 @@ CONTEXT = int(sys.argv[1]) if len(sys.argv) > 1 else 400
 TOKENS = int(sys.argv[2]) if len(sys.argv) > 2 else 100
 
 
-def decode(engine: Engine, prompt: list[int], n: int) -> float:
+GREEDY = {"temperature": 0.0}
+# the app's defaults (localchat/settings.py): a chat in the page samples every token
+APP_DEFAULTS = {"temperature": 0.7, "top_p": 0.95}
+
+
+def decode(engine: Engine, prompt: list[int], n: int, sampling: dict = GREEDY) -> float:
     """Seconds per decode step (after the prompt's step)."""
-    engine.add(engine.make_request(prompt_token_ids=prompt, params=SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)))
+    engine.add(engine.make_request(prompt_token_ids=prompt, params=SamplingParams(**sampling, max_tokens=n, ignore_eos=True)))
     stamps = []
     while engine.has_unfinished():
         engine.step()
@@ -62,13 +67,13 @@ def dense_profile(prompt: list[int]) -> dict:
     return {"step": step, "weights": weights, "attention": attn, "overhead": step - weights - attn}
 
 
-def native_profile(prompt: list[int]) -> dict:
+def native_profile(prompt: list[int], sampling: dict = GREEDY) -> dict:
     from localchat.model.native import NativeForward
 
     loaded = load_model(None, weights="gguf")
     engine = Engine.from_loaded(loaded, EngineConfig(kv_cache_gb=0.2, enable_prefix_cache=False))
-    decode(engine, prompt, 8)
-    step = statistics.median(decode(engine, prompt, TOKENS) for _ in range(3))
+    decode(engine, prompt, 8, sampling)
+    step = statistics.median(decode(engine, prompt, TOKENS, sampling) for _ in range(3))
     calls: list[tuple[int, float]] = []  # (context of the call's last token, seconds)
     original = NativeForward.__call__
 
@@ -80,8 +85,8 @@ def native_profile(prompt: list[int]) -> dict:
 
     NativeForward.__call__ = timed
     try:
-        decode(engine, prompt, TOKENS)  # decode at the full context
-        decode(engine, prompt[:1], TOKENS)  # and right at the start: the same weights, next to no attention
+        decode(engine, prompt, TOKENS, sampling)  # decode at the full context
+        decode(engine, prompt[:1], TOKENS, sampling)  # and right at the start: the same weights, next to no attention
     finally:
         NativeForward.__call__ = original
     at_context = statistics.median(t for c, t in calls if c > CONTEXT)
@@ -93,7 +98,8 @@ def main() -> None:
     torch.set_num_threads(2)
     rng = random.Random(1)
     prompt = [rng.randrange(100, 49152) for _ in range(CONTEXT)]
-    rows = {"before (dense bfloat16, torch ops)": dense_profile(prompt), "after (GGUF blocks, native step)": native_profile(prompt)}
+    rows = {"before (dense bfloat16, torch ops)": dense_profile(prompt), "after (GGUF blocks, native step)": native_profile(prompt),
+            "after, sampled as the app's defaults (temperature 0.7, top-p 0.95)": native_profile(prompt, APP_DEFAULTS)}
     print(f"batch 1, {CONTEXT}-token context, {TOKENS} decode tokens, ms per token")
     print("| path | step | weights | attention | overhead | tok/s |")
     print("|---|---|---|---|---|---|")

@@ -41,6 +41,8 @@ def test_bench_all_suites_tiny(tiny_ctx):
     assert dec.ours > 0 and dec.baseline > 0 and dec.ratio > 0
     # float32: our greedy ids equal transformers' (design invariant 6), so the whole run agrees.
     assert report.details["decode"]["greedy_prefix_agreement"] == sizes.decode_tokens
+    sampled = report.get("decode", "single-sequence decode, temperature 0.7 and top-p 0.95")  # the app's defaults
+    assert sampled.ours > 0 and len(report.details["decode"]["runs_ours_sampled"]) == sizes.decode_repeats
 
     used = report.get("sharing", "n=4 sampling: peak blocks")
     assert used.ours < used.baseline  # the prompt's blocks are stored once, not four times

@@ -76,22 +76,24 @@ def llama_cpp_model(ctx: BenchContext):
     return cached
 
 
-def llama_cpp_generate(llama, prompt: list[int], n: int) -> int:
+def llama_cpp_generate(llama, prompt: list[int], n: int, temperature: float = 0.0, top_p: float = 1.0) -> int:
+    """n tokens of llama.cpp's own sampling loop: greedy, or temperature and top-p alone (its other samplers,
+    top-k 40 and min-p 0.05 by default in llama-cpp-python, off as they are in ours)."""
     llama.reset()
     count = 0
-    for _ in llama.generate(prompt, temp=0.0, reset=True):
+    for _ in llama.generate(prompt, temp=temperature, top_p=top_p, top_k=0, min_p=0.0, reset=True):
         count += 1
         if count >= n:
             break
     return count
 
 
-def llama_cpp_decode(llama, prompt: list[int], n: int) -> float:
-    llama_cpp_generate(llama, prompt, 2)
+def llama_cpp_decode(llama, prompt: list[int], n: int, **sampling) -> float:
+    llama_cpp_generate(llama, prompt, 2, **sampling)
     t0 = time.perf_counter()
-    llama_cpp_generate(llama, prompt, 1)
+    llama_cpp_generate(llama, prompt, 1, **sampling)
     t1 = time.perf_counter()
-    llama_cpp_generate(llama, prompt, n)
+    llama_cpp_generate(llama, prompt, n, **sampling)
     t2 = time.perf_counter()
     return (n - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
 
