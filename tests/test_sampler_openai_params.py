@@ -223,3 +223,25 @@ def test_finite_rows_and_greedy_ids_agree_with_torch(dtype):
     assert greedy_ids(finite) == finite.argmax(dim=-1).tolist()
     with torch.inference_mode():  # the engine's logits are inference tensors
         assert rows_finite(logits.clone()) == rows_finite(logits)
+
+
+def test_a_flat_row_goes_to_the_whole_vocabulary_path_unsorted(monkeypatch):
+    """A row with more candidates than CANDIDATE_CAP is left to filter_logits (None) before numpy sorts any of
+    it; sample still draws it from filter_logits' kept set."""
+    from localchat.engine import sampler
+
+    sorted_sizes = []
+    argsort = sampler.np.argsort
+    monkeypatch.setattr(sampler.np, "argsort", lambda a, **kw: sorted_sizes.append(a.shape[0]) or argsort(a, **kw))
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(49152, generator=gen) * 0.05  # a random-weight model's row: nearly uniform
+    logits[:10] += 20.0  # ... but for a few tokens of which top-p keeps only some
+    params = SamplingParams(temperature=0.7, top_p=0.5)
+    flat = logits.clone()
+    flat[:10] -= 20.0
+    assert sampler.draw_row(flat.numpy(), seq([0], [], **params.__dict__), gen) is None
+    assert sorted_sizes == []
+    token = sampler.sample(flat[None].clone(), [seq([0], [], **params.__dict__)], gen).token_ids[0]
+    assert exact_probs(flat, params)[token] > 0
+    assert sampler.draw_row(logits.numpy(), seq([0], [], **params.__dict__), gen) in range(10)
+    assert sorted_sizes == [10]
